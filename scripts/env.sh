@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Local test environment for the Kafka consumer sidecar (Debian 12, no Docker, no systemd).
+#
+#   scripts/env.sh [up|down|status]      (default: up)
+#
+# up:     installs missing apt packages (redis-server, kcat, build deps) in one call,
+#         fetches Apache Kafka jars from Maven Central with mvn (cached outside the work
+#         tree), formats KRaft storage once, and starts a single-node broker+controller on
+#         127.0.0.1:9092 (controller 127.0.0.1:9093) and Redis on 127.0.0.1:6379.
+#         Idempotent: returns in ~1 s when both are already up and healthy.
+# down:   stops what this script started (SIGTERM, SIGKILL after 20 s). Data is kept.
+# status: prints the state of each; exits 0 only if both are up.
+#
+# Cache/state: ${KAFKA_SIDECAR_CACHE:-$HOME/.cache/kafka-sidecar}
+#   kafka-<version>/libs   jars     run/   pid files, logs, kafka-data, server.properties
+# Topic admin from the same jars (kcat cannot create topics), e.g.:
+#   java -cp "$CACHE/kafka-<version>/libs/*" org.apache.kafka.tools.TopicCommand \
+#        --bootstrap-server 127.0.0.1:9092 --create --topic t --partitions 3
+set -euo pipefail
+
+KAFKA_VERSION="${KAFKA_VERSION:-4.3.1}" # newest 4.x with kafka-tools on Central (4.4.0 lacks it)
+LOG4J_VERSION=2.24.3
+CACHE="${KAFKA_SIDECAR_CACHE:-$HOME/.cache/kafka-sidecar}"
+LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
+RUN="$CACHE/run"
+DATA="$RUN/kafka-data"
+HOST=127.0.0.1 KAFKA_PORT=9092 CONTROLLER_PORT=9093 REDIS_PORT=6379
+JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
+
+log() { echo "env: $*"; }
+die() { echo "env: ERROR: $*" >&2; exit 1; }
+SUDO=""; if [[ $EUID -ne 0 ]] && command -v sudo >/dev/null; then SUDO=sudo; fi
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+kafka_cli() { timeout 30 "$JAVA" -Xmx256m -cp "$LIBS/*" -Dlog4j2.configurationFile="$RUN/log4j2-tools.properties" "$@"; }
+
+# Healthy = answers a metadata request (kcat if present, else a plain TCP connect).
+kafka_healthy() {
+  port_open "$KAFKA_PORT" || return 1
+  if command -v kcat >/dev/null; then kcat -b "$HOST:$KAFKA_PORT" -L -m 3 >/dev/null 2>&1; fi
+}
+redis_healthy() { [[ "$(redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]; }
+
+install_packages() {
+  local want=() p
+  command -v redis-server >/dev/null || want+=(redis-server)
+  command -v kcat >/dev/null || want+=(kcat)
+  command -v "$JAVA" >/dev/null || want+=(openjdk-17-jdk-headless)
+  command -v mvn >/dev/null || want+=(maven)
+  for p in gcc make perl pkg-config libssl-dev zlib1g-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || want+=("$p")
+  done
+  ((${#want[@]})) || return 0
+  log "apt: installing ${want[*]}"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+}
+
+fetch_kafka() {
+  [[ -f $LIBS/.complete ]] && return 0
+  local dir="$CACHE/kafka-$KAFKA_VERSION" dep deps=""
+  log "kafka: fetching $KAFKA_VERSION jars from Maven Central into $LIBS"
+  mkdir -p "$dir"
+  for dep in org.apache.kafka:kafka_2.13:$KAFKA_VERSION org.apache.kafka:kafka-tools:$KAFKA_VERSION \
+             org.apache.logging.log4j:log4j-core:$LOG4J_VERSION org.apache.logging.log4j:log4j-slf4j-impl:$LOG4J_VERSION; do
+    IFS=: read -r g a v <<<"$dep"
+    deps+="<dependency><groupId>$g</groupId><artifactId>$a</artifactId><version>$v</version></dependency>"
+  done
+  cat >"$dir/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
+<groupId>local</groupId><artifactId>kafka-sidecar-env</artifactId><version>1</version><packaging>pom</packaging>
+<dependencies>$deps</dependencies></project>
+EOF
+  rm -rf "$LIBS.tmp"
+  mvn -B -q -f "$dir/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$LIBS.tmp" || die "mvn could not fetch Kafka $KAFKA_VERSION"
+  rm -rf "$LIBS" && mv "$LIBS.tmp" "$LIBS" && touch "$LIBS/.complete"
+}
+
+write_configs() {
+  mkdir -p "$RUN" "$DATA"
+  cat >"$RUN/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$DATA
+num.partitions=3
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+EOF
+  local level
+  for level in INFO:log4j2.properties WARN:log4j2-tools.properties; do
+    printf '%s\n' 'appender.out.type=Console' 'appender.out.name=OUT' 'appender.out.layout.type=PatternLayout' \
+      'appender.out.layout.pattern=[%d] %p %m (%c)%n' "rootLogger.level=${level%%:*}" \
+      'rootLogger.appenderRef.out.ref=OUT' 'logger.sc.name=state.change.logger' 'logger.sc.level=WARN' \
+      >"$RUN/${level#*:}"
+  done
+}
+
+kafka_up() {
+  if kafka_healthy; then
+    if pid_alive "$RUN/kafka.pid"; then log "kafka: already up (pid $(cat "$RUN/kafka.pid"))"
+    else log "kafka: port $KAFKA_PORT already served by a healthy broker (not started here); using it"; fi
+    return 0
+  fi
+  pid_alive "$RUN/kafka.pid" && die "kafka: pid $(cat "$RUN/kafka.pid") alive but unhealthy; run '$0 down' first"
+  port_open "$KAFKA_PORT" && die "kafka: port $KAFKA_PORT is taken by something that is not a healthy broker"
+  fetch_kafka
+  write_configs
+  if [[ ! -f $DATA/meta.properties ]]; then
+    local id; id="$(kafka_cli kafka.tools.StorageTool random-uuid)"
+    log "kafka: formatting KRaft storage in $DATA (cluster id $id)"
+    kafka_cli kafka.tools.StorageTool format -t "$id" -c "$RUN/server.properties" >/dev/null
+  fi
+  log "kafka: starting $KAFKA_VERSION (log: $RUN/kafka.log)"
+  # setsid+exec: the recorded pid is the JVM itself, detached from this shell.
+  nohup setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$RUN/kafka.pid" \
+    "$JAVA" -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$RUN/log4j2.properties" -cp "$LIBS/*" kafka.Kafka "$RUN/server.properties" \
+    >"$RUN/kafka.log" 2>&1 </dev/null &
+  local deadline=$((SECONDS + 90))
+  # Ready = the Admin API can list topics (real request through the broker).
+  until port_open "$KAFKA_PORT" &&
+        kafka_cli org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT" --list >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)) || ! pid_alive "$RUN/kafka.pid"; then
+      tail -n 40 "$RUN/kafka.log" >&2
+      die "kafka: not ready after $((SECONDS - deadline + 90)) s (log: $RUN/kafka.log)"
+    fi
+    sleep 1
+  done
+  log "kafka: ready on $HOST:$KAFKA_PORT (pid $(cat "$RUN/kafka.pid"))"
+}
+
+redis_up() {
+  if redis_healthy; then log "redis: already up on $HOST:$REDIS_PORT"; return 0; fi
+  mkdir -p "$RUN"
+  log "redis: starting (log: $RUN/redis.log)"
+  redis-server --daemonize yes --bind "$HOST" --port "$REDIS_PORT" --save '' --appendonly no \
+    --dir "$RUN" --pidfile "$RUN/redis.pid" --logfile "$RUN/redis.log"
+  local i
+  for ((i = 0; i < 100; i++)); do redis_healthy && { log "redis: ready on $HOST:$REDIS_PORT"; return 0; }; sleep 0.1; done
+  tail -n 20 "$RUN/redis.log" >&2; die "redis: no PONG after 10 s"
+}
+
+stop_pid() { # name pidfile
+  if ! pid_alive "$2"; then log "$1: not running (no live pid in $2)"; rm -f "$2"; return 0; fi
+  local pid i; pid="$(cat "$2")"
+  log "$1: stopping pid $pid"
+  kill "$pid"
+  for ((i = 0; i < 200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then log "$1: still alive after 20 s, SIGKILL"; kill -9 "$pid"; sleep 0.5; fi
+  rm -f "$2"
+}
+
+status() {
+  local rc=0
+  if ! kafka_healthy; then log "kafka: down"; rc=1
+  elif pid_alive "$RUN/kafka.pid"; then log "kafka: up on $HOST:$KAFKA_PORT (pid $(cat "$RUN/kafka.pid"))"
+  else log "kafka: up on $HOST:$KAFKA_PORT (not started by this script)"; fi
+  if redis_healthy; then log "redis: up on $HOST:$REDIS_PORT"; else log "redis: down"; rc=1; fi
+  return "$rc"
+}
+
+case "${1:-up}" in
+  up) install_packages; redis_up; kafka_up ;;
+  down) stop_pid kafka "$RUN/kafka.pid"; stop_pid redis "$RUN/redis.pid" ;;
+  status) status ;;
+  *) echo "usage: $0 [up|down|status]" >&2; exit 2 ;;
+esac

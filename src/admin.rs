@@ -1,0 +1,96 @@
+//! Admin HTTP server: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//!
+//! It runs on its own task, apart from the data path, so probes answer under load.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{self, Metrics};
+use crate::offsets::OffsetTracker;
+use crate::scheduler::InFlight;
+use crate::source::SourceState;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<OffsetTracker>,
+    pub in_flight: Arc<InFlight>,
+    pub source: Arc<SourceState>,
+    /// Fired when shutdown begins: readiness goes false.
+    pub shutdown: CancellationToken,
+}
+
+impl AdminState {
+    fn ready(&self) -> bool {
+        self.source.joined.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+    }
+}
+
+/// Binds the admin port; the returned future serves until `stop` fires.
+pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to bind the admin server on {addr} (admin.listen): {e}"))?;
+    tracing::info!(%addr, "admin server listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok(())
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
+}
+
+async fn status(State(s): State<AdminState>) -> impl IntoResponse {
+    let (records, bytes) = s.in_flight.get();
+    let partitions: Vec<_> = s
+        .tracker
+        .snapshot()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "topic": &*p.tp.topic,
+                "partition": p.tp.partition,
+                "committed": p.committed,
+                "position": p.next,
+                "commit_position": p.position,
+                "unfinished": p.pending,
+            })
+        })
+        .collect();
+    Json(json!({
+        "ready": s.ready(),
+        "paused": s.source.paused.load(Ordering::Relaxed),
+        "shutting_down": s.shutdown.is_cancelled(),
+        "in_flight": { "records": records, "bytes": bytes },
+        "partitions": partitions,
+    }))
+}

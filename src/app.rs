@@ -1,0 +1,108 @@
+//! Wires the pipeline together and owns the one shutdown path:
+//! signal → stop reading → drain under the grace period → commit → leave the group →
+//! flush the DLQ producer → return.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::delivery::AppClient;
+use crate::dlq::DeadLetters;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use crate::scheduler::{InFlight, Scheduler, Settings};
+use crate::source::{self, Limits, PollLoop, SourceState};
+use crate::worker::Worker;
+
+/// Runs the sidecar until `shutdown` fires, then shuts down gracefully.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let tracker = Arc::new(OffsetTracker::default());
+    let in_flight = Arc::new(InFlight::default());
+    let state = Arc::new(SourceState::default());
+    let hard_stop = CancellationToken::new();
+    let close = CancellationToken::new();
+
+    let worker = Arc::new(Worker {
+        app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
+        dlq: DeadLetters::from_config(&cfg)?,
+        tracker: tracker.clone(),
+        retry: cfg.retry.clone(),
+        metrics: metrics.clone(),
+        hard_stop: hard_stop.clone(),
+    });
+    // The in-flight bound keeps this channel from ever filling; the slack covers control messages.
+    let (input_tx, input_rx) = mpsc::channel(cfg.pipeline.max_in_flight_records + 64);
+    let consumer = source::create_consumer(&cfg, tracker.clone(), input_tx.clone(), state.clone(), metrics.clone())?;
+
+    if !cfg.admin.listen.is_empty() {
+        let addr = cfg.admin.listen.parse().context("admin.listen")?;
+        let admin_state = AdminState {
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            in_flight: in_flight.clone(),
+            source: state.clone(),
+            shutdown: shutdown.clone(),
+        };
+        admin::serve(addr, admin_state, close.clone()).await?;
+    }
+
+    let settings = Settings {
+        ordering: cfg.pipeline.ordering,
+        mode: cfg.app.mode,
+        workers: cfg.pipeline.workers,
+        batch: cfg.batch.clone(),
+    };
+    let mut scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    let poll_done = PollLoop {
+        consumer,
+        topics: cfg.kafka.topics.clone(),
+        brokers: cfg.kafka.brokers.clone(),
+        input: input_tx,
+        tracker: tracker.clone(),
+        in_flight: in_flight.clone(),
+        state: state.clone(),
+        metrics: metrics.clone(),
+        limits: Limits::from_config(&cfg),
+        commit_interval: cfg.kafka.commit_interval,
+        stop: shutdown.clone(),
+        close: close.clone(),
+    }
+    .spawn()
+    .context("failed to start the poll thread")?;
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = &mut scheduler => {
+            tracing::error!("scheduler stopped unexpectedly; shutting down");
+            shutdown.cancel();
+        }
+    }
+
+    // Leave a slice of the grace period for the commit, the group leave and the DLQ flush.
+    let grace = cfg.shutdown.grace_period;
+    let reserve = (grace / 4).min(Duration::from_secs(5));
+    let (records, _) = in_flight.get();
+    tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
+    if tokio::time::timeout(grace - reserve, &mut scheduler).await.is_err() {
+        let (records, _) = in_flight.get();
+        tracing::warn!(unfinished = records, "grace period over; unfinished records are not committed and will be delivered again");
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut scheduler).await;
+    }
+    close.cancel();
+    if tokio::time::timeout(reserve, poll_done).await.is_err() {
+        tracing::error!("the Kafka consumer did not close in time");
+    }
+    if let Some(dlq) = &worker.dlq {
+        let dlq_flush = reserve / 2;
+        tokio::task::block_in_place(|| dlq.flush(dlq_flush));
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}

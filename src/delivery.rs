@@ -1,0 +1,293 @@
+//! HTTP delivery to the app: builds requests, sends them over a pooled keep-alive client,
+//! and reports what the transport saw. It never decides what an answer means (see `retry`).
+//!
+//! Wire contract (also in the README):
+//! - single mode: `POST app.url`, body = record value, metadata in `X-Kafka-*` headers;
+//! - batch mode: `POST app.url`, JSON envelope `{"records": [...]}`; the app may answer
+//!   `{"results": [{"status": 200}, ...]}` (same order) to settle records one by one.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AppConfig, DeliveryMode};
+use crate::record::Record;
+use crate::retry::{parse_retry_after, Transport};
+
+/// Headers of the single-mode request.
+pub mod headers {
+    pub const TOPIC: &str = "x-kafka-topic";
+    pub const PARTITION: &str = "x-kafka-partition";
+    pub const OFFSET: &str = "x-kafka-offset";
+    pub const TIMESTAMP: &str = "x-kafka-timestamp";
+    pub const KEY: &str = "x-kafka-key";
+    pub const VALUE_NULL: &str = "x-kafka-value-null";
+    pub const HEADERS: &str = "x-kafka-headers";
+    pub const ATTEMPT: &str = "x-kafka-attempt";
+    pub const GROUP: &str = "x-kafka-consumer-group";
+}
+
+/// Record headers passed to the app as plain HTTP headers too (trace context).
+const PASSTHROUGH: [&str; 2] = ["traceparent", "tracestate"];
+
+/// What one request produced: the transport outcome and, for a batch answered with a
+/// `results` array, one status per record.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub transport: Transport,
+    pub per_record: Option<Vec<u16>>,
+}
+
+/// The app as seen from the sidecar.
+#[derive(Debug, Clone)]
+pub struct AppClient {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    mode: DeliveryMode,
+    group: String,
+}
+
+/// One record header in the JSON encodings: the value is base64, or null.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JsonHeader {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+/// One record in the batch envelope.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JsonRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    /// base64, or null for a record without key.
+    pub key: Option<String>,
+    /// base64, or null for a tombstone.
+    pub value: Option<String>,
+    pub headers: Vec<JsonHeader>,
+    pub attempt: u32,
+}
+
+/// The batch request body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchEnvelope {
+    pub records: Vec<JsonRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchResults {
+    results: Vec<BatchResult>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchResult {
+    status: u16,
+}
+
+impl AppClient {
+    pub fn new(cfg: &AppConfig, group: &str) -> anyhow::Result<Self> {
+        let mut default_headers = HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .default_headers(default_headers)
+            .build()?;
+        Ok(Self {
+            client,
+            url: cfg.url.parse()?,
+            mode: cfg.mode,
+            group: group.to_string(),
+        })
+    }
+
+    /// Sends records (exactly one in single mode) as attempt number `attempt`.
+    pub async fn send(&self, records: &[&Record], attempt: u32) -> Reply {
+        let request = match self.mode {
+            DeliveryMode::Single => self.single_request(records[0], attempt),
+            DeliveryMode::Batch => self.batch_request(records, attempt),
+        };
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return Reply { transport: transport_error(&e), per_record: None },
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        // Read the body to the end so the connection goes back to the pool.
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Reply { transport: transport_error(&e), per_record: None },
+        };
+        let per_record = match self.mode {
+            DeliveryMode::Batch if (200..300).contains(&status) => parse_results(&body, records.len()),
+            _ => None,
+        };
+        Reply {
+            transport: Transport::Status { status, retry_after },
+            per_record,
+        }
+    }
+
+    fn single_request(&self, r: &Record, attempt: u32) -> reqwest::RequestBuilder {
+        let mut h = HeaderMap::new();
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        };
+        put(headers::TOPIC, r.topic.to_string());
+        put(headers::PARTITION, r.partition.to_string());
+        put(headers::OFFSET, r.offset.to_string());
+        put(headers::ATTEMPT, attempt.to_string());
+        put(headers::GROUP, self.group.clone());
+        if let Some(ts) = r.timestamp_ms {
+            put(headers::TIMESTAMP, ts.to_string());
+        }
+        if let Some(key) = &r.key {
+            put(headers::KEY, B64.encode(key));
+        }
+        if r.value.is_none() {
+            put(headers::VALUE_NULL, "true".into());
+        }
+        if !r.headers.is_empty() {
+            put(headers::HEADERS, ascii_json(&json_headers(r)));
+        }
+        for name in PASSTHROUGH {
+            if let Some(v) = r.header_str(name) {
+                put(name, v.to_string());
+            }
+        }
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let body = r.value.clone().unwrap_or_else(Bytes::new);
+        self.client.post(self.url.clone()).headers(h).body(body)
+    }
+
+    fn batch_request(&self, records: &[&Record], attempt: u32) -> reqwest::RequestBuilder {
+        let envelope = BatchEnvelope {
+            records: records
+                .iter()
+                .map(|r| JsonRecord {
+                    topic: r.topic.to_string(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    timestamp: r.timestamp_ms,
+                    key: r.key.as_ref().map(|k| B64.encode(k)),
+                    value: r.value.as_ref().map(|v| B64.encode(v)),
+                    headers: json_headers(r),
+                    attempt,
+                })
+                .collect(),
+        };
+        self.client
+            .post(self.url.clone())
+            .header(headers::GROUP, &self.group)
+            .header(headers::ATTEMPT, attempt.to_string())
+            .json(&envelope)
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> Transport {
+    if e.is_connect() {
+        Transport::Unreachable(error_chain(e))
+    } else if e.is_timeout() {
+        Transport::Timeout
+    } else {
+        Transport::Failed(error_chain(e))
+    }
+}
+
+/// reqwest's top-level message hides the cause ("error sending request"); keep the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+fn parse_results(body: &[u8], expected: usize) -> Option<Vec<u16>> {
+    let parsed: BatchResults = serde_json::from_slice(body).ok()?;
+    if parsed.results.len() != expected {
+        tracing::warn!(
+            got = parsed.results.len(),
+            expected,
+            "batch response has a results array of the wrong length; applying the response status to all records"
+        );
+        return None;
+    }
+    Some(parsed.results.into_iter().map(|r| r.status).collect())
+}
+
+/// The record's headers in the JSON form used by `X-Kafka-Headers` and the batch envelope.
+pub fn json_headers(r: &Record) -> Vec<JsonHeader> {
+    r.headers
+        .iter()
+        .map(|(name, value)| JsonHeader {
+            name: name.clone(),
+            value: value.as_ref().map(|v| B64.encode(v)),
+        })
+        .collect()
+}
+
+/// JSON with every non-ASCII character escaped, so it is a valid HTTP header value.
+fn ascii_json<T: Serialize>(v: &T) -> String {
+    let json = serde_json::to_string(v).unwrap_or_default();
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_json_is_ascii_and_round_trips() {
+        let hs = vec![
+            JsonHeader {
+                name: "héader".into(),
+                value: Some(B64.encode([0u8, 255])),
+            },
+            JsonHeader {
+                name: "empty".into(),
+                value: None,
+            },
+        ];
+        let s = ascii_json(&hs);
+        assert!(s.is_ascii(), "{s}");
+        let back: Vec<JsonHeader> = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, hs);
+    }
+
+    #[test]
+    fn batch_results_must_match_the_record_count() {
+        assert_eq!(parse_results(br#"{"results":[{"status":200},{"status":422}]}"#, 2), Some(vec![200, 422]));
+        assert_eq!(parse_results(br#"{"results":[{"status":200}]}"#, 2), None);
+        assert_eq!(parse_results(b"ok", 2), None);
+    }
+}

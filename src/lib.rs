@@ -1,0 +1,20 @@
+//! kafka-sidecar: consumes Kafka topics as a consumer group and delivers records to an app
+//! over HTTP, committing offsets only for finished work.
+//!
+//! A record's path, top to bottom: [`source`] (poll, rebalance) → [`scheduler`] (ordering,
+//! in-flight bound, batching) → [`worker`] (retry loop) → [`delivery`] (HTTP) / [`dlq`] →
+//! [`offsets`] (watermark commits). [`app`] wires them together.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod dlq;
+pub mod metrics;
+pub mod offsets;
+pub mod record;
+pub mod retry;
+pub mod scheduler;
+pub mod source;
+pub mod worker;

@@ -1,0 +1,108 @@
+//! The `kafka-sidecar` binary: parses the command line and runs the app.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kafka_sidecar::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "kafka-sidecar", version, about = "Kafka consumer sidecar: delivers records to your app over HTTP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume and deliver until SIGTERM/SIGINT.
+    Run {
+        /// TOML config file; `KAFKA_SIDECAR_<SECTION>__<KEY>` env vars override it.
+        #[arg(long, env = "KAFKA_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and print the effective config with secrets redacted.
+    CheckConfig {
+        #[arg(long, env = "KAFKA_SIDECAR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Run { config } | Command::CheckConfig { config }) = &cli.command;
+    let cfg = match Config::load(config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprint!("kafka-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { .. } => {
+            print!("{}", cfg.redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Run { .. } => run(cfg),
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    init_logging(&cfg);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kafka-sidecar: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        kafka_sidecar::app::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kafka-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for n in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n == 0 {
+            tracing::info!("signal received; shutting down gracefully (send again to exit at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal; exiting now");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,158 @@
+//! All metrics, registered once, named `kafka_sidecar_<what>_<unit>[_total]`.
+//! Labels are bounded: topic, partition, outcome, result — never keys or offsets.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::record::Record;
+use crate::retry::Transport;
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub topic: String,
+    /// consumed, delivered, retried, dead_lettered.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// 2xx, 4xx, 5xx, timeout, unreachable, transport.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommitLabels {
+    /// ok or error.
+    pub result: String,
+}
+
+/// The sidecar's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub records: Family<OutcomeLabels, Counter>,
+    pub delivery_seconds: Family<ResultLabels, Histogram>,
+    pub end_to_end_seconds: Histogram,
+    pub in_flight_records: Gauge,
+    pub in_flight_bytes: Gauge,
+    pub paused_partitions: Gauge,
+    pub assigned_partitions: Gauge,
+    pub rebalances: Counter,
+    pub commits: Family<CommitLabels, Counter>,
+    pub lag_records: Family<PartitionLabels, Gauge>,
+    pub lag_seconds: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
+    pub committed_offset: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kafka_sidecar");
+        let records = Family::<OutcomeLabels, Counter>::default();
+        registry.register("records", "Records by topic and outcome (consumed, delivered, retried, dead_lettered)", records.clone());
+        let delivery_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register("delivery_duration_seconds", "Duration of requests to the app, by result", delivery_seconds.clone());
+        let end_to_end_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 18));
+        registry.register("end_to_end_latency_seconds", "Time from the record timestamp until it is finished", end_to_end_seconds.clone());
+        let in_flight_records = Gauge::default();
+        registry.register("in_flight_records", "Records read and not yet finished", in_flight_records.clone());
+        let in_flight_bytes = Gauge::default();
+        registry.register("in_flight_bytes", "Bytes of records read and not yet finished", in_flight_bytes.clone());
+        let paused_partitions = Gauge::default();
+        registry.register("paused_partitions", "Partitions paused by backpressure", paused_partitions.clone());
+        let assigned_partitions = Gauge::default();
+        registry.register("assigned_partitions", "Partitions assigned to this member", assigned_partitions.clone());
+        let rebalances = Counter::default();
+        registry.register("rebalances", "Rebalance events (assign or revoke)", rebalances.clone());
+        let commits = Family::<CommitLabels, Counter>::default();
+        registry.register("commits", "Offset commits by result", commits.clone());
+        let lag_records = Family::<PartitionLabels, Gauge>::default();
+        registry.register("consumer_lag_records", "High watermark minus committed position", lag_records.clone());
+        let lag_seconds = Family::<PartitionLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register("consumer_lag_seconds", "Age of the oldest unfinished record", lag_seconds.clone());
+        let committed_offset = Family::<PartitionLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register("committed_offset", "Last committed position", committed_offset.clone());
+        Self {
+            registry,
+            records,
+            delivery_seconds,
+            end_to_end_seconds,
+            in_flight_records,
+            in_flight_bytes,
+            paused_partitions,
+            assigned_partitions,
+            rebalances,
+            commits,
+            lag_records,
+            lag_seconds,
+            committed_offset,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "failed to encode metrics");
+        }
+        out
+    }
+
+    pub fn record_outcome(&self, record: &Record, outcome: &str) {
+        self.records
+            .get_or_create(&OutcomeLabels {
+                topic: record.topic.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// A record is finished (delivered or dead-lettered).
+    pub fn record_finished(&self, record: &Record, outcome: &str) {
+        self.record_outcome(record, outcome);
+        if let Some(ts) = record.timestamp_ms {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            self.end_to_end_seconds.observe((now - ts).max(0) as f64 / 1000.0);
+        }
+    }
+
+    pub fn observe_delivery(&self, took: Duration, t: &Transport) {
+        let result = match t {
+            Transport::Status { status, .. } => format!("{}xx", status / 100),
+            Transport::Timeout => "timeout".into(),
+            Transport::Unreachable(_) => "unreachable".into(),
+            Transport::Failed(_) => "transport".into(),
+        };
+        self.delivery_seconds.get_or_create(&ResultLabels { result }).observe(took.as_secs_f64());
+    }
+
+    pub fn commit(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.commits.get_or_create(&CommitLabels { result: result.into() }).inc();
+    }
+}

@@ -1,0 +1,246 @@
+//! Offset tracker: which offsets are finished, per partition, and what is safe to commit.
+//!
+//! Workers finish records out of order. For each assigned partition the tracker keeps the
+//! set of read-but-unfinished offsets; the commit position is the smallest unfinished
+//! offset, or the highest read offset + 1 when nothing is unfinished. Offsets may have gaps
+//! (compaction, transaction markers), so nothing assumes `offset + 1` exists.
+//!
+//! Each assignment of a partition gets a fresh generation. A completion tagged with an
+//! older generation (work that finished after its partition was revoked) is ignored, so it
+//! can never move a newer assignment's commit position.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A topic and partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    generation: u64,
+    /// Offsets read and not yet finished.
+    pending: BTreeSet<i64>,
+    /// Highest offset read + 1.
+    next: Option<i64>,
+    /// Last position the broker confirmed as committed.
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn position(&self) -> Option<i64> {
+        self.pending.first().copied().or(self.next)
+    }
+}
+
+/// A point-in-time view of one partition, for status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionView {
+    pub tp: TopicPartition,
+    /// Next offset to read, as far as the sidecar has read.
+    pub next: Option<i64>,
+    /// Position that would be committed now.
+    pub position: Option<i64>,
+    /// Last position confirmed committed.
+    pub committed: Option<i64>,
+    /// Records read and not finished.
+    pub pending: usize,
+}
+
+/// Shared by the poll thread (reads, commits) and the workers (finish).
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: Mutex<HashMap<TopicPartition, PartitionState>>,
+    generations: AtomicU64,
+}
+
+impl OffsetTracker {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionState>> {
+        // A panic while holding this lock leaves plain data behind; keep going.
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Starts tracking newly assigned partitions, each under a new generation.
+    pub fn assign(&self, tps: &[TopicPartition]) {
+        let mut parts = self.lock();
+        for tp in tps {
+            let state = PartitionState {
+                generation: self.new_generation(),
+                ..Default::default()
+            };
+            parts.insert(tp.clone(), state);
+        }
+    }
+
+    /// Registers a record that was read; returns the generation to tag its work with.
+    pub fn read(&self, tp: &TopicPartition, offset: i64) -> u64 {
+        let mut parts = self.lock();
+        let state = parts.entry(tp.clone()).or_insert_with(|| PartitionState {
+            generation: self.new_generation(),
+            ..Default::default()
+        });
+        debug_assert!(!state.pending.contains(&offset), "offset {offset} read twice");
+        state.pending.insert(offset);
+        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        state.generation
+    }
+
+    /// Marks a record finished. Returns false when its partition was revoked since (ignored).
+    pub fn finish(&self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
+        let mut parts = self.lock();
+        match parts.get_mut(tp) {
+            Some(state) if state.generation == generation => state.pending.remove(&offset),
+            _ => false,
+        }
+    }
+
+    /// Whether work tagged with this generation still belongs to a current assignment.
+    pub fn is_current(&self, tp: &TopicPartition, generation: u64) -> bool {
+        self.lock().get(tp).is_some_and(|s| s.generation == generation)
+    }
+
+    /// Unfinished records in the given partitions.
+    pub fn unfinished(&self, tps: &[TopicPartition]) -> usize {
+        let parts = self.lock();
+        tps.iter().filter_map(|tp| parts.get(tp)).map(|s| s.pending.len()).sum()
+    }
+
+    /// Positions that moved past the last confirmed commit.
+    pub fn positions_to_commit(&self) -> Vec<(TopicPartition, i64)> {
+        let parts = self.lock();
+        let mut out: Vec<_> = parts
+            .iter()
+            .filter_map(|(tp, s)| {
+                let pos = s.position()?;
+                (s.committed.is_none_or(|c| pos > c)).then(|| (tp.clone(), pos))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Records positions the broker confirmed.
+    pub fn committed(&self, positions: &[(TopicPartition, i64)]) {
+        let mut parts = self.lock();
+        for (tp, pos) in positions {
+            if let Some(state) = parts.get_mut(tp) {
+                state.committed = Some(state.committed.map_or(*pos, |c| c.max(*pos)));
+            }
+        }
+    }
+
+    /// Stops tracking revoked partitions; returns their final commit positions.
+    pub fn revoke(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        let mut parts = self.lock();
+        tps.iter()
+            .filter_map(|tp| {
+                let state = parts.remove(tp)?;
+                Some((tp.clone(), state.position()?))
+            })
+            .collect()
+    }
+
+    /// All tracked partitions, sorted.
+    pub fn snapshot(&self) -> Vec<PartitionView> {
+        let parts = self.lock();
+        let mut out: Vec<_> = parts
+            .iter()
+            .map(|(tp, s)| PartitionView {
+                tp: tp.clone(),
+                next: s.next,
+                position: s.position(),
+                committed: s.committed,
+                pending: s.pending.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.tp.cmp(&b.tp));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        TopicPartition::new("t", p)
+    }
+
+    #[test]
+    fn commit_position_is_the_smallest_unfinished_offset() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0)]);
+        let g = (0..5).map(|o| t.read(&tp(0), o)).last().unwrap();
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)]);
+        t.finish(&tp(0), 1, g);
+        t.finish(&tp(0), 2, g);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)], "0 is still unfinished");
+        t.finish(&tp(0), 0, g);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 3)]);
+        t.finish(&tp(0), 4, g);
+        t.finish(&tp(0), 3, g);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 5)]);
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_stall_the_watermark() {
+        let t = OffsetTracker::default();
+        let g = t.read(&tp(0), 10);
+        t.read(&tp(0), 13);
+        t.finish(&tp(0), 10, g);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 13)]);
+        t.finish(&tp(0), 13, g);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 14)]);
+    }
+
+    #[test]
+    fn confirmed_positions_are_not_committed_again() {
+        let t = OffsetTracker::default();
+        let g = t.read(&tp(1), 0);
+        t.finish(&tp(1), 0, g);
+        let p = t.positions_to_commit();
+        t.committed(&p);
+        assert!(t.positions_to_commit().is_empty());
+    }
+
+    #[test]
+    fn completions_from_a_revoked_generation_are_ignored() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0)]);
+        let old = t.read(&tp(0), 0);
+        assert_eq!(t.revoke(&[tp(0)]), vec![(tp(0), 0)]);
+        t.assign(&[tp(0)]);
+        let new = t.read(&tp(0), 0);
+        assert_ne!(old, new);
+        assert!(!t.finish(&tp(0), 0, old));
+        assert!(!t.is_current(&tp(0), old));
+        assert_eq!(t.unfinished(&[tp(0)]), 1);
+        assert!(t.finish(&tp(0), 0, new));
+        assert_eq!(t.unfinished(&[tp(0)]), 0);
+    }
+
+    #[test]
+    fn a_partition_with_nothing_read_has_nothing_to_commit() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(2)]);
+        assert!(t.positions_to_commit().is_empty());
+        assert!(t.revoke(&[tp(2)]).is_empty());
+    }
+}

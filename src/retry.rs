@@ -1,0 +1,196 @@
+//! Retry policy, apart from transport: what an app answer means, and how long to wait.
+//!
+//! - 2xx: success.
+//! - a configured non-retryable status (default 400, 413, 415, 422): poison, dead-letter now.
+//! - any other status, a timeout, a broken connection: retry with capped exponential backoff
+//!   and full jitter (honouring `Retry-After`), up to `max_attempts`, then dead-letter.
+//! - the app cannot be reached at all (connection refused, DNS): an outage. Retried without
+//!   limit and never dead-lettered: an app restart must not empty a topic into the DLQ.
+
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+
+use crate::config::RetryConfig;
+
+/// What the transport observed for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// The app answered with this status.
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// The request timed out.
+    Timeout,
+    /// The connection could not be established (refused, unreachable, DNS).
+    Unreachable(String),
+    /// The request failed after connecting (reset, malformed response).
+    Failed(String),
+}
+
+/// What to do with a record after one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    /// Never retry; dead-letter with this error.
+    Poison(ErrorInfo),
+    /// Retry after the given delay (from `Retry-After`) or the backoff.
+    Retry(ErrorInfo, Option<Duration>),
+    /// The app is down: wait and retry, not counted as an attempt.
+    Outage(ErrorInfo),
+}
+
+/// Error class and message, as put in logs and DLQ headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// Short machine-readable class: `http_422`, `timeout`, `unreachable`, `transport`, `retries_exhausted`.
+    pub class: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(class: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            class: class.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Classifies one attempt. Pure: tested on its own.
+pub fn classify(t: &Transport, non_retryable: &[u16]) -> Verdict {
+    match t {
+        Transport::Status { status, .. } if (200..300).contains(status) => Verdict::Success,
+        Transport::Status { status, .. } if non_retryable.contains(status) => Verdict::Poison(
+            ErrorInfo::new(format!("http_{status}"), format!("app rejected the record with status {status}")),
+        ),
+        Transport::Status { status, retry_after } => Verdict::Retry(
+            ErrorInfo::new(format!("http_{status}"), format!("app answered status {status}")),
+            *retry_after,
+        ),
+        Transport::Timeout => Verdict::Retry(ErrorInfo::new("timeout", "request to the app timed out"), None),
+        Transport::Failed(e) => Verdict::Retry(ErrorInfo::new("transport", e.clone()), None),
+        Transport::Unreachable(e) => Verdict::Outage(ErrorInfo::new("unreachable", e.clone())),
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, step: 0 }
+    }
+
+    pub fn from_config(c: &RetryConfig) -> Self {
+        Self::new(c.initial_backoff, c.max_backoff)
+    }
+
+    /// The cap for the current step: `initial * 2^step`, at most `max`.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.step.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// A random delay in `[0, ceiling]` (full jitter, spreads retry storms), then doubles the ceiling.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.step = self.step.saturating_add(1);
+        rand::rng().random_range(Duration::ZERO..=ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        self.step = 0;
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NON_RETRYABLE: &[u16] = &[400, 413, 415, 422];
+
+    fn status(s: u16) -> Transport {
+        Transport::Status {
+            status: s,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn two_hundreds_are_success() {
+        assert_eq!(classify(&status(200), NON_RETRYABLE), Verdict::Success);
+        assert_eq!(classify(&status(204), NON_RETRYABLE), Verdict::Success);
+    }
+
+    #[test]
+    fn configured_client_errors_are_poison() {
+        assert!(matches!(classify(&status(422), NON_RETRYABLE), Verdict::Poison(e) if e.class == "http_422"));
+        assert!(matches!(classify(&status(400), NON_RETRYABLE), Verdict::Poison(_)));
+    }
+
+    #[test]
+    fn server_errors_other_client_errors_and_timeouts_are_retried() {
+        for s in [500, 502, 503, 404, 409, 429] {
+            assert!(matches!(classify(&status(s), NON_RETRYABLE), Verdict::Retry(..)), "{s}");
+        }
+        assert!(matches!(classify(&Transport::Timeout, NON_RETRYABLE), Verdict::Retry(..)));
+        assert!(matches!(classify(&Transport::Failed("reset".into()), NON_RETRYABLE), Verdict::Retry(..)));
+    }
+
+    #[test]
+    fn retry_after_is_passed_on() {
+        let t = Transport::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        assert!(matches!(classify(&t, NON_RETRYABLE), Verdict::Retry(_, Some(d)) if d == Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn an_unreachable_app_is_an_outage_not_poison() {
+        let v = classify(&Transport::Unreachable("connection refused".into()), NON_RETRYABLE);
+        assert!(matches!(v, Verdict::Outage(_)));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d0 = b.next_delay();
+        assert!(d0 <= Duration::from_millis(100), "{d0:?}");
+        assert_eq!(b.ceiling(), Duration::from_millis(200));
+        let d1 = b.next_delay();
+        assert!(d1 <= Duration::from_millis(200), "{d1:?}");
+        for _ in 0..50 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(1));
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        let future = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,450 @@
+//! Source: the Kafka consumer group member and its poll thread.
+//!
+//! The poll thread only reads, hands records to the scheduler and commits; it never runs
+//! user work, so the group never times out while the app is slow. It owns the consumer:
+//! commits, pause/resume and rebalance callbacks all happen on it, which serialises them.
+//!
+//! - Backpressure: above the in-flight limit every assigned partition is paused; below the
+//!   resume threshold they resume. Records are never buffered past the limit or dropped.
+//! - Revoke: wait (up to `revoke_drain_timeout`) until the revoked partitions' records are
+//!   finished, commit their watermark synchronously, then let the unassign happen. A lost
+//!   assignment is not committed (another member owns it already).
+//! - Shutdown: stop reading and pause; keep polling so the membership stays healthy while
+//!   the workers drain; on `close`, commit synchronously and close the consumer, which
+//!   leaves the group.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::record::Record;
+use crate::retry::Backoff;
+use crate::scheduler::{InFlight, Input};
+
+/// State shared between the poll thread, its callbacks and the admin server.
+#[derive(Debug, Default)]
+pub struct SourceState {
+    /// The member received its first assignment (possibly empty: an idle member).
+    pub joined: AtomicBool,
+    /// Partitions are paused by backpressure.
+    pub paused: AtomicBool,
+    /// Shutdown began: stop reading, do not wait in revoke callbacks.
+    pub closing: AtomicBool,
+}
+
+/// librdkafka callbacks.
+pub struct SourceContext {
+    tracker: Arc<OffsetTracker>,
+    input: mpsc::Sender<Input>,
+    state: Arc<SourceState>,
+    metrics: Arc<Metrics>,
+    drain_timeout: Duration,
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+            Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.metrics.rebalances.inc();
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let tps = topic_partitions(tpl);
+                tracing::info!(partitions = %fmt_tps(&tps), "partitions assigned");
+                self.tracker.assign(&tps);
+            }
+            Rebalance::Revoke(tpl) => self.on_revoke(consumer, topic_partitions(tpl)),
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.state.joined.store(true, Ordering::Relaxed);
+            // New partitions join the paused state if backpressure is on.
+            if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+                }
+            }
+        }
+        let assigned = consumer.assignment().map_or(0, |a| a.count());
+        self.metrics.assigned_partitions.set(assigned as i64);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.tracker.committed(&positions(offsets));
+                self.metrics.commit(true);
+            }
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.metrics.commit(false);
+                tracing::warn!(error = %e, "offset commit failed; it is retried on the next interval");
+            }
+        }
+    }
+}
+
+impl SourceContext {
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tps: Vec<TopicPartition>) {
+        let lost = consumer.assignment_lost();
+        let closing = self.state.closing.load(Ordering::Relaxed);
+        tracing::info!(partitions = %fmt_tps(&tps), lost, "partitions revoked");
+        if !lost && !closing {
+            // Let the workers finish what was read from these partitions, so that the
+            // commit below covers it and the new owner does not deliver it again.
+            let deadline = Instant::now() + self.drain_timeout;
+            while self.tracker.unfinished(&tps) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let left = self.tracker.unfinished(&tps);
+            if left > 0 {
+                tracing::warn!(records = left, "revoke drain timed out; unfinished records will be redelivered by the new owner");
+            }
+        }
+        let final_positions = self.tracker.revoke(&tps);
+        if !lost {
+            commit_sync(consumer, &self.tracker, &self.metrics, &final_positions);
+        }
+        let msg = Input::Revoked(tps);
+        let _ = if closing { self.input.try_send(msg).map_err(|_| ()) } else { self.input.blocking_send(msg).map_err(|_| ()) };
+    }
+}
+
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// Builds the consumer. Fails on an invalid librdkafka property (bad TLS/SASL settings included).
+pub fn create_consumer(
+    cfg: &Config,
+    tracker: Arc<OffsetTracker>,
+    input: mpsc::Sender<Input>,
+    state: Arc<SourceState>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<SourceConsumer> {
+    let k = &cfg.kafka;
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        .set("client.id", &k.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("partition.assignment.strategy", &k.assignment_strategy)
+        .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
+        // Prefetch is memory too: keep librdkafka's queue small, and refill it quickly.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.queue.backoff.ms", "100")
+        .set("fetch.max.bytes", "16777216");
+    if !k.group_instance_id.is_empty() {
+        cc.set("group.instance.id", &k.group_instance_id);
+    }
+    for (key, value) in &k.properties {
+        cc.set(key, value);
+    }
+    let context = SourceContext {
+        tracker,
+        input,
+        state,
+        metrics,
+        drain_timeout: k.revoke_drain_timeout,
+    };
+    cc.create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}"))
+}
+
+/// Limits that drive pause/resume.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub resume_records: usize,
+    pub resume_bytes: usize,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &Config) -> Self {
+        let p = &cfg.pipeline;
+        let max_bytes = p.max_in_flight_bytes.as_u64() as usize;
+        Self {
+            max_records: p.max_in_flight_records,
+            max_bytes,
+            resume_records: (p.max_in_flight_records as f64 * p.resume_threshold) as usize,
+            resume_bytes: (max_bytes as f64 * p.resume_threshold) as usize,
+        }
+    }
+}
+
+/// Everything the poll thread needs.
+pub struct PollLoop {
+    pub consumer: SourceConsumer,
+    pub topics: Vec<String>,
+    pub brokers: String,
+    pub input: mpsc::Sender<Input>,
+    pub tracker: Arc<OffsetTracker>,
+    pub in_flight: Arc<InFlight>,
+    pub state: Arc<SourceState>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub commit_interval: Duration,
+    /// Stop reading (shutdown began).
+    pub stop: CancellationToken,
+    /// Commit and close the consumer (the drain is over).
+    pub close: CancellationToken,
+}
+
+impl PollLoop {
+    /// Runs the loop on a dedicated thread; the handle's result arrives when the consumer is closed.
+    pub fn spawn(self) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
+            self.run();
+            let _ = done_tx.send(());
+        })?;
+        Ok(done_rx)
+    }
+
+    fn run(self) {
+        if self.connect_and_subscribe() {
+            self.read();
+            self.drain();
+        }
+        self.state.closing.store(true, Ordering::Relaxed);
+        let positions = self.tracker.positions_to_commit();
+        commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
+        tracing::info!("closing the Kafka consumer (leaving the group)");
+        let PollLoop { consumer, .. } = self;
+        drop(consumer);
+        tracing::info!("Kafka consumer closed");
+    }
+
+    /// Waits until the brokers answer, then subscribes. False if shutdown came first.
+    fn connect_and_subscribe(&self) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            if self.stop.is_cancelled() {
+                return false;
+            }
+            match self.consumer.fetch_metadata(None, Duration::from_secs(10)) {
+                Ok(md) => {
+                    for topic in &self.topics {
+                        let known = md.topics().iter().any(|t| t.name() == topic && t.error().is_none());
+                        if !known {
+                            tracing::error!(topic, "topic does not exist on the cluster; waiting for it to be created (check kafka.topics)");
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay().max(Duration::from_millis(200));
+                    tracing::error!(brokers = %self.brokers, error = %e, retry_in = ?delay, "cannot reach the Kafka brokers; retrying");
+                    self.sleep_unless_stopped(delay);
+                }
+            }
+        }
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        match self.consumer.subscribe(&topics) {
+            Ok(()) => {
+                tracing::info!(topics = ?self.topics, "subscribed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "failed to subscribe");
+                false
+            }
+        }
+    }
+
+    fn sleep_unless_stopped(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !self.stop.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn read(&self) {
+        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+        let mut errors = ErrorLog::default();
+        let mut last_commit = Instant::now();
+        while !self.stop.is_cancelled() {
+            self.apply_backpressure();
+            if last_commit.elapsed() >= self.commit_interval {
+                self.commit_async();
+                last_commit = Instant::now();
+            }
+            let msg = match self.consumer.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Err(e)) => {
+                    errors.log(&e);
+                    continue;
+                }
+                Some(Ok(msg)) => msg,
+            };
+            let topic = match topics.get(msg.topic()) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> = msg.topic().into();
+                    topics.insert(msg.topic().to_string(), t.clone());
+                    t
+                }
+            };
+            let generation = self.tracker.read(&TopicPartition::new(topic.clone(), msg.partition()), msg.offset());
+            let record = Record::from_message(&msg, topic, generation);
+            drop(msg);
+            self.in_flight.add(record.size());
+            self.metrics.record_outcome(&record, "consumed");
+            if self.input.blocking_send(Input::Record(record)).is_err() {
+                tracing::error!("scheduler stopped unexpectedly; stopping consumption");
+                return;
+            }
+        }
+    }
+
+    /// Stop fetching and keep the membership alive until the workers drained.
+    fn drain(&self) {
+        self.set_paused(true);
+        let _ = self.input.blocking_send(Input::End);
+        let mut last_commit = Instant::now();
+        while !self.close.is_cancelled() {
+            // A record returned now is not handed over and not tracked, so no commit can
+            // pass it: the next owner (or the restarted sidecar) reads it again.
+            let _ = self.consumer.poll(Duration::from_millis(100));
+            if last_commit.elapsed() >= Duration::from_secs(1) {
+                self.commit_async();
+                last_commit = Instant::now();
+            }
+        }
+    }
+
+    fn apply_backpressure(&self) {
+        let (records, bytes) = self.in_flight.get();
+        self.metrics.in_flight_records.set(records as i64);
+        self.metrics.in_flight_bytes.set(bytes as i64);
+        let l = &self.limits;
+        let paused = self.state.paused.load(Ordering::Relaxed);
+        if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
+            tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
+            self.set_paused(true);
+        } else if paused && records <= l.resume_records && bytes <= l.resume_bytes {
+            tracing::debug!(records, bytes, "in-flight below the resume threshold; resuming partitions");
+            self.set_paused(false);
+        }
+    }
+
+    fn set_paused(&self, pause: bool) {
+        self.state.paused.store(pause, Ordering::Relaxed);
+        let assignment = match self.consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the assignment"),
+        };
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, pause, "failed to pause/resume partitions");
+        }
+        self.metrics.paused_partitions.set(if pause { assignment.count() as i64 } else { 0 });
+    }
+
+    fn commit_async(&self) {
+        let positions = self.tracker.positions_to_commit();
+        if positions.is_empty() {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&to_tpl(&positions), CommitMode::Async) {
+            self.metrics.commit(false);
+            tracing::warn!(error = %e, "offset commit failed; it is retried on the next interval");
+        }
+    }
+}
+
+fn commit_sync(consumer: &SourceConsumer, tracker: &OffsetTracker, metrics: &Metrics, positions: &[(TopicPartition, i64)]) {
+    if positions.is_empty() {
+        return;
+    }
+    match consumer.commit(&to_tpl(positions), CommitMode::Sync) {
+        Ok(()) => {
+            tracker.committed(positions);
+            metrics.commit(true);
+            tracing::info!(positions = %fmt_positions(positions), "committed offsets");
+        }
+        Err(e) => {
+            metrics.commit(false);
+            tracing::error!(error = %e, positions = %fmt_positions(positions), "synchronous offset commit failed; these records may be delivered again");
+        }
+    }
+}
+
+/// Logs consumer errors at most once per 10 s per distinct message.
+#[derive(Default)]
+struct ErrorLog(HashMap<String, Instant>);
+
+impl ErrorLog {
+    fn log(&mut self, e: &KafkaError) {
+        let msg = e.to_string();
+        let now = Instant::now();
+        if self.0.get(&msg).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10)) {
+            return;
+        }
+        tracing::error!(error = %msg, "kafka consumer error");
+        self.0.insert(msg, now);
+    }
+}
+
+fn to_tpl(positions: &[(TopicPartition, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(positions.len());
+    for (tp, pos) in positions {
+        // Only fails for an invalid offset enum; Offset::Offset is always valid.
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*pos));
+    }
+    tpl
+}
+
+fn positions(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) if e.error().is_ok() => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+fn fmt_tps(tps: &[TopicPartition]) -> String {
+    tps.iter().map(|tp| format!("{}/{}", tp.topic, tp.partition)).collect::<Vec<_>>().join(",")
+}
+
+fn fmt_positions(p: &[(TopicPartition, i64)]) -> String {
+    p.iter().map(|(tp, o)| format!("{}/{}@{}", tp.topic, tp.partition, o)).collect::<Vec<_>>().join(",")
+}
