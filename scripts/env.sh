@@ -53,8 +53,10 @@ install_packages() {
   done
   ((${#want[@]})) || return 0
   log "apt: installing ${want[*]}"
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+  mkdir -p "$RUN"
+  { $SUDO apt-get update -qq &&
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}"
+  } >"$RUN/apt.log" 2>&1 || { tail -n 20 "$RUN/apt.log" >&2; die "apt-get failed (log: $RUN/apt.log)"; }
 }
 
 fetch_kafka() {
@@ -73,8 +75,9 @@ fetch_kafka() {
 <dependencies>$deps</dependencies></project>
 EOF
   rm -rf "$LIBS.tmp"
-  mvn -B -q -f "$dir/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$LIBS.tmp" || die "mvn could not fetch Kafka $KAFKA_VERSION"
+  mvn -B -Dstyle.color=never -f "$dir/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$LIBS.tmp" >"$dir/mvn.log" 2>&1 ||
+    { grep ERROR "$dir/mvn.log" | head -n 20 >&2; die "mvn could not fetch Kafka $KAFKA_VERSION (log: $dir/mvn.log)"; }
   rm -rf "$LIBS" && mv "$LIBS.tmp" "$LIBS" && touch "$LIBS/.complete"
 }
 
@@ -123,13 +126,16 @@ kafka_up() {
     log "kafka: formatting KRaft storage in $DATA (cluster id $id)"
     kafka_cli kafka.tools.StorageTool format -t "$id" -c "$RUN/server.properties" >/dev/null
   fi
+  rm -f "$RUN/kafka.pid"
   log "kafka: starting $KAFKA_VERSION (log: $RUN/kafka.log)"
   # setsid+exec: the recorded pid is the JVM itself, detached from this shell.
+  # shellcheck disable=SC2016 # expanded by the inner bash
   nohup setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$RUN/kafka.pid" \
     "$JAVA" -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$RUN/log4j2.properties" -cp "$LIBS/*" kafka.Kafka "$RUN/server.properties" \
     >"$RUN/kafka.log" 2>&1 </dev/null &
   local deadline=$((SECONDS + 90))
+  until [[ -s $RUN/kafka.pid ]]; do ((SECONDS < deadline)) || die "kafka: no pid file"; sleep 0.1; done
   # Ready = the Admin API can list topics (real request through the broker).
   until port_open "$KAFKA_PORT" &&
         kafka_cli org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$KAFKA_PORT" --list >/dev/null 2>&1; do
@@ -143,7 +149,11 @@ kafka_up() {
 }
 
 redis_up() {
-  if redis_healthy; then log "redis: already up on $HOST:$REDIS_PORT"; return 0; fi
+  if redis_healthy; then
+    if pid_alive "$RUN/redis.pid"; then log "redis: already up (pid $(cat "$RUN/redis.pid"))"
+    else log "redis: port $REDIS_PORT already served (not started here); using it"; fi
+    return 0
+  fi
   mkdir -p "$RUN"
   log "redis: starting (log: $RUN/redis.log)"
   redis-server --daemonize yes --bind "$HOST" --port "$REDIS_PORT" --save '' --appendonly no \

@@ -578,10 +578,8 @@ fn push_figment_errors(error: figment::Error, section: &str, issues: &mut Vec<Co
             }
             kind => kind.to_string(),
         };
-        issues.push(ConfigIssue {
-            key: path.join("."),
-            reason,
-        });
+        let key = if path.is_empty() { "config file".to_string() } else { path.join(".") };
+        issues.push(ConfigIssue { key, reason });
     }
 }
 
@@ -745,5 +743,32 @@ mod tests {
     fn url_passwords_are_redacted() {
         assert_eq!(redact_url("redis://u:secret@h:6379/0"), "redis://u:%3Credacted%3E@h:6379/0");
         assert_eq!(redact_url("http://h/"), "http://h/");
+    }
+
+    fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = value {
+            for (k, v) in t {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                out.push(path.clone());
+                // Free-form maps (librdkafka properties, HTTP headers) are documented as tables.
+                if !matches!(k.as_str(), "properties" | "headers") {
+                    key_paths(v, &path, out);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn config_example_loads_and_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let loaded = Config::load_with_env(Some(&path), Vec::new());
+        assert!(loaded.is_ok(), "config.toml.example must be valid: {loaded:?}");
+        let example: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let (mut documented, mut known) = (Vec::new(), Vec::new());
+        key_paths(&example, "", &mut documented);
+        key_paths(&defaults, "", &mut known);
+        let missing: Vec<_> = known.iter().filter(|k| !documented.contains(k)).collect();
+        assert!(missing.is_empty(), "config keys missing from config.toml.example: {missing:?}");
     }
 }

@@ -1,0 +1,529 @@
+//! Test harness: the real broker, a real HTTP app on port 0, and the real sidecar binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_SIDECAR_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Fails the test (never skips it) when the broker is not there.
+pub fn require_kafka() {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("kafka client");
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "Kafka is not reachable at {} ({e}). Start the test environment with `scripts/env.sh up` \
+             (or run every test with `scripts/test.sh`, which starts it).",
+            brokers()
+        );
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .await
+        .expect("create_topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("failed to create topic {t}: {e}"));
+    }
+}
+
+/// A record to produce.
+#[derive(Clone, Debug)]
+pub struct Out {
+    pub key: Option<String>,
+    pub value: String,
+    pub partition: Option<i32>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Out {
+    pub fn keyed(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            key: Some(key.into()),
+            value: value.into(),
+            partition: None,
+            headers: vec![],
+        }
+    }
+}
+
+/// Produces records (acks=all) and waits until all are acknowledged.
+pub async fn produce(topic: &str, records: Vec<Out>) {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer");
+        for r in &records {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                headers = headers.insert(rdkafka::message::Header { key: k, value: Some(v.as_bytes()) });
+            }
+            let mut rec = BaseRecord::to(&topic).payload(r.value.as_bytes()).headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_bytes());
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p);
+            }
+            let mut rec = rec;
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((e, back)) => {
+                        assert!(
+                            matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                            "produce failed: {e}"
+                        );
+                        rec = back;
+                        producer.poll(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(120)).expect("flush");
+    })
+    .await
+    .unwrap();
+}
+
+fn consumer(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// Committed offset per partition (-1 when none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let c = consumer(group);
+    let result = {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        // Scoped so the list is dropped before the consumer (rdkafka drop-hang pitfall).
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        got.elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            })
+            .collect()
+    };
+    result
+}
+
+/// High watermark per partition.
+pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
+    let c = consumer("watermarks");
+    (0..partitions)
+        .map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .collect()
+}
+
+/// A record read back from a topic (e.g. the DLQ).
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every record of a topic from the beginning up to its current end.
+pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
+    let ends = end_offsets(topic, partitions);
+    let total: i64 = ends.iter().sum();
+    let c = consumer(&unique("reader"));
+    let mut out = Vec::new();
+    {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        c.assign(&tpl).expect("assign");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Read {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    assert_eq!(out.len() as i64, total, "could not read all of {topic}");
+    out
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One request the app received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub attempt: u32,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: HeaderMap,
+    pub status: u16,
+}
+
+impl Request {
+    pub fn value_str(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+    pub fn id(&self) -> (i32, i64) {
+        (self.partition, self.offset)
+    }
+}
+
+/// The app's answer to a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub status: u16,
+    pub delay: Duration,
+    pub retry_after: Option<u64>,
+}
+
+impl Answer {
+    pub fn ok() -> Self {
+        Self { status: 200, delay: Duration::ZERO, retry_after: None }
+    }
+    pub fn status(status: u16) -> Self {
+        Self { status, ..Self::ok() }
+    }
+}
+
+type Behavior = Arc<dyn Fn(&Request) -> Answer + Send + Sync>;
+
+struct AppState {
+    behavior: Behavior,
+    requests: Mutex<Vec<Request>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A real HTTP server standing in for the app. Single-mode requests only.
+pub struct TestApp {
+    state: Arc<AppState>,
+    pub port: u16,
+    stop: CancellationToken,
+}
+
+impl TestApp {
+    pub async fn start(behavior: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> Self {
+        let state = Arc::new(AppState {
+            behavior: Arc::new(behavior),
+            requests: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        Self::serve(state, 0).await
+    }
+
+    async fn serve(state: Arc<AppState>, port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind app");
+        let port = listener.local_addr().unwrap().port();
+        let stop = CancellationToken::new();
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(s.cancelled_owned()).await.unwrap();
+        });
+        Self { state, port, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/records", self.port)
+    }
+
+    /// Stops listening (connections are refused until [`TestApp::restart`]).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Listens again on the same port with the same state.
+    pub async fn restart(self) -> Self {
+        self.stop.cancel();
+        let state = self.state.clone();
+        for _ in 0..50 {
+            if tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self::serve(state, self.port).await
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Requests answered 2xx.
+    pub fn delivered(&self) -> Vec<Request> {
+        self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+    }
+
+    pub fn delivered_count(&self) -> usize {
+        self.state.requests.lock().unwrap().iter().filter(|r| (200..300).contains(&r.status)).count()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let mut req = Request {
+        topic: h("x-kafka-topic"),
+        partition: h("x-kafka-partition").parse().unwrap_or(-1),
+        offset: h("x-kafka-offset").parse().unwrap_or(-1),
+        attempt: h("x-kafka-attempt").parse().unwrap_or(0),
+        key: headers.get("x-kafka-key").map(|v| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.decode(v.as_bytes()).expect("key is base64")
+        }),
+        value: body.to_vec(),
+        headers: headers.clone(),
+        status: 0,
+    };
+    let answer = (state.behavior)(&req);
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    req.status = answer.status;
+    state.requests.lock().unwrap().push(req);
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
+    if let Some(secs) = answer.retry_after {
+        resp.headers_mut().insert("retry-after", secs.to_string().parse().unwrap());
+    }
+    resp
+}
+
+/// Settings of one sidecar run.
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    pub group: String,
+    pub topic: String,
+    pub app_url: String,
+    pub dlq: Option<String>,
+    pub ordering: &'static str,
+    pub workers: usize,
+    pub extra: String,
+}
+
+impl SidecarConfig {
+    pub fn new(topic: &str, app: &TestApp) -> Self {
+        Self {
+            group: unique("group"),
+            topic: topic.to_string(),
+            app_url: app.url(),
+            dlq: None,
+            ordering: "key",
+            workers: 8,
+            extra: String::new(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let dlq = self.dlq.as_deref().unwrap_or("");
+        format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+commit_interval = "500ms"
+session_timeout = "10s"
+
+[app]
+url = "{url}"
+timeout = "5s"
+
+[pipeline]
+ordering = "{ordering}"
+workers = {workers}
+
+[retry]
+initial_backoff = "50ms"
+max_backoff = "1s"
+
+[dlq]
+topic = "{dlq}"
+
+[admin]
+listen = ""
+
+[shutdown]
+grace_period = "15s"
+{extra}
+"#,
+            brokers = brokers(),
+            group = self.group,
+            topic = self.topic,
+            url = self.app_url,
+            ordering = self.ordering,
+            workers = self.workers,
+            extra = self.extra,
+        )
+    }
+}
+
+/// The real `kafka-sidecar` binary running as a child process.
+pub struct Sidecar {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kafka-sidecar"))
+}
+
+impl Sidecar {
+    pub fn start(cfg: &SidecarConfig) -> Self {
+        Self::start_toml(&cfg.toml())
+    }
+
+    pub fn start_toml(toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kafka-sidecar");
+        Self { child, dir }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Resident memory of the process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- sidecar log (last 60 lines) ----");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
