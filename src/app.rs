@@ -29,7 +29,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let close = CancellationToken::new();
 
     let worker = Arc::new(Worker {
-        app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
+        app: AppClient::new(&cfg.app, &cfg.kafka.group_id)
+            .context("failed to build the HTTP client (app.*)")?,
         dlq: DeadLetters::from_config(&cfg)?,
         tracker: tracker.clone(),
         retry: cfg.retry.clone(),
@@ -38,7 +39,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
     // The in-flight bound keeps this channel from ever filling; the slack covers control messages.
     let (input_tx, input_rx) = mpsc::channel(cfg.pipeline.max_in_flight_records + 64);
-    let consumer = source::create_consumer(&cfg, tracker.clone(), input_tx.clone(), state.clone(), metrics.clone())?;
+    let consumer = source::create_consumer(
+        &cfg,
+        tracker.clone(),
+        input_tx.clone(),
+        state.clone(),
+        metrics.clone(),
+    )?;
 
     if !cfg.admin.listen.is_empty() {
         let addr = cfg.admin.listen.parse().context("admin.listen")?;
@@ -58,7 +65,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         workers: cfg.pipeline.workers,
         batch: cfg.batch.clone(),
     };
-    let mut scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    let mut scheduler =
+        tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
     let poll_done = PollLoop {
         consumer,
         topics: cfg.kafka.topics.clone(),
@@ -89,9 +97,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let reserve = (grace / 4).min(Duration::from_secs(5));
     let (records, _) = in_flight.get();
     tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
-    if tokio::time::timeout(grace - reserve, &mut scheduler).await.is_err() {
+    if tokio::time::timeout(grace - reserve, &mut scheduler)
+        .await
+        .is_err()
+    {
         let (records, _) = in_flight.get();
-        tracing::warn!(unfinished = records, "grace period over; unfinished records are not committed and will be delivered again");
+        tracing::warn!(
+            unfinished = records,
+            "grace period over; unfinished records are not committed and will be delivered again"
+        );
         hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut scheduler).await;
     }

@@ -375,7 +375,10 @@ impl Config {
             bad("kafka.group_id", "is required");
         }
         if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
-            bad("kafka.topics", "is required: a non-empty list of topic names");
+            bad(
+                "kafka.topics",
+                "is required: a non-empty list of topic names",
+            );
         }
         if !["cooperative-sticky", "range", "roundrobin"].contains(&k.assignment_strategy.as_str())
         {
@@ -385,13 +388,19 @@ impl Config {
             );
         }
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
-            bad("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\"");
+            bad(
+                "kafka.auto_offset_reset",
+                "must be \"earliest\" or \"latest\"",
+            );
         }
         if k.commit_interval.is_zero() {
             bad("kafka.commit_interval", "must be greater than 0");
         }
         match reqwest::Url::parse(&self.app.url) {
-            _ if self.app.url.is_empty() => bad("app.url", "is required (e.g. \"http://127.0.0.1:8080/records\")"),
+            _ if self.app.url.is_empty() => bad(
+                "app.url",
+                "is required (e.g. \"http://127.0.0.1:8080/records\")",
+            ),
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             Ok(_) => bad("app.url", "must be an http:// or https:// URL"),
             Err(e) => bad("app.url", &format!("is not a valid URL: {e}")),
@@ -401,7 +410,10 @@ impl Config {
         }
         for name in self.app.headers.keys() {
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                bad(&format!("app.headers.{name}"), "is not a valid HTTP header name");
+                bad(
+                    &format!("app.headers.{name}"),
+                    "is not a valid HTTP header name",
+                );
             }
         }
         let p = &self.pipeline;
@@ -415,7 +427,10 @@ impl Config {
             bad("pipeline.max_in_flight_bytes", "must be at least 1KiB");
         }
         if !(p.resume_threshold > 0.0 && p.resume_threshold < 1.0) {
-            bad("pipeline.resume_threshold", "must be between 0 and 1 (exclusive)");
+            bad(
+                "pipeline.resume_threshold",
+                "must be between 0 and 1 (exclusive)",
+            );
         }
         if self.batch.max_records == 0 {
             bad("batch.max_records", "must be at least 1");
@@ -423,19 +438,32 @@ impl Config {
         if self.retry.max_attempts == 0 {
             bad("retry.max_attempts", "must be at least 1");
         }
-        if self.retry.initial_backoff.is_zero() || self.retry.initial_backoff > self.retry.max_backoff {
-            bad("retry.initial_backoff", "must be greater than 0 and at most retry.max_backoff");
+        if self.retry.initial_backoff.is_zero()
+            || self.retry.initial_backoff > self.retry.max_backoff
+        {
+            bad(
+                "retry.initial_backoff",
+                "must be greater than 0 and at most retry.max_backoff",
+            );
         }
         for s in &self.retry.non_retryable_statuses {
             if !(400..=599).contains(s) {
-                bad("retry.non_retryable_statuses", &format!("{s} is not a 4xx/5xx status"));
+                bad(
+                    "retry.non_retryable_statuses",
+                    &format!("{s} is not a 4xx/5xx status"),
+                );
             }
         }
         if self.shutdown.grace_period < Duration::from_secs(1) {
             bad("shutdown.grace_period", "must be at least 1s");
         }
-        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
-            bad("admin.listen", "must be an address like \"0.0.0.0:9464\" (or empty to disable)");
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bad(
+                "admin.listen",
+                "must be an address like \"0.0.0.0:9464\" (or empty to disable)",
+            );
         }
     }
 
@@ -452,7 +480,11 @@ impl Config {
         c.app.url = redact_url(&c.app.url);
         for (name, value) in c.app.headers.iter_mut() {
             let n = name.to_ascii_lowercase();
-            if n.contains("auth") || n.contains("token") || n.contains("key") || n.contains("secret") {
+            if n.contains("auth")
+                || n.contains("token")
+                || n.contains("key")
+                || n.contains("secret")
+            {
                 *value = REDACTED.into();
             }
         }
@@ -464,9 +496,16 @@ const REDACTED: &str = "<redacted>";
 
 fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "sasl.oauthbearer.config", "sasl.username", "ssl.key.pem", "token"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "password",
+        "secret",
+        "sasl.oauthbearer.config",
+        "sasl.username",
+        "ssl.key.pem",
+        "token",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
 }
 
 /// Hides the password of `scheme://user:password@host` URLs.
@@ -486,10 +525,16 @@ pub fn redact_url(url: &str) -> String {
 fn env_dict(env: &[(String, String)]) -> Dict {
     let mut root = Dict::new();
     for (key, raw) in env {
-        let Some(rest) = key.strip_prefix(ENV_PREFIX).filter(|r| r.contains("__")) else { continue };
+        let Some(rest) = key.strip_prefix(ENV_PREFIX).filter(|r| r.contains("__")) else {
+            continue;
+        };
         let (path, value): (Vec<String>, Value) = match rest.strip_prefix("KAFKA__PROPERTIES__") {
             Some(name) => (
-                vec!["kafka".into(), "properties".into(), name.to_ascii_lowercase().replace('_', ".")],
+                vec![
+                    "kafka".into(),
+                    "properties".into(),
+                    name.to_ascii_lowercase().replace('_', "."),
+                ],
                 Value::from(raw.clone()),
             ),
             None => (
@@ -514,7 +559,9 @@ fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
         dict.insert(first.clone(), value);
         return;
     }
-    let child = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
+    let child = dict
+        .entry(first.clone())
+        .or_insert_with(|| Value::from(Dict::new()));
     if let Value::Dict(_, d) = child {
         insert_path(d, rest, value);
     }
@@ -522,15 +569,19 @@ fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
 
 /// Extracts each section on its own so that errors in several sections are all reported.
 fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<Config> {
-    const SECTIONS: [&str; 9] =
-        ["kafka", "app", "pipeline", "batch", "retry", "dlq", "shutdown", "admin", "log"];
+    const SECTIONS: [&str; 9] = [
+        "kafka", "app", "pipeline", "batch", "retry", "dlq", "shutdown", "admin", "log",
+    ];
     match figment.data() {
         Ok(data) => {
             for dict in data.values() {
                 for key in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
                     issues.push(ConfigIssue {
                         key: key.clone(),
-                        reason: format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
+                        reason: format!(
+                            "unknown section (expected one of: {})",
+                            SECTIONS.join(", ")
+                        ),
                     });
                 }
             }
@@ -555,7 +606,11 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
     (issues.len() == before).then_some(config)
 }
 
-fn section<T: DeserializeOwned + Default>(figment: &Figment, name: &str, issues: &mut Vec<ConfigIssue>) -> T {
+fn section<T: DeserializeOwned + Default>(
+    figment: &Figment,
+    name: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> T {
     figment.extract_inner(name).unwrap_or_else(|e| {
         push_figment_errors(e, name, issues);
         T::default()
@@ -578,7 +633,11 @@ fn push_figment_errors(error: figment::Error, section: &str, issues: &mut Vec<Co
             }
             kind => kind.to_string(),
         };
-        let key = if path.is_empty() { "config file".to_string() } else { path.join(".") };
+        let key = if path.is_empty() {
+            "config file".to_string()
+        } else {
+            path.join(".")
+        };
         issues.push(ConfigIssue { key, reason });
     }
 }
@@ -592,7 +651,11 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         One(Scalar),
     }
     Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => String::from(s).split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+        OneOrMany::One(s) => String::from(s)
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
         OneOrMany::Many(v) => v,
     })
 }
@@ -729,26 +792,40 @@ mod tests {
     fn missing_required_values_are_named() {
         let e = load("[app]\nurl = \"http://x/\"\n", &[]).unwrap_err();
         let keys = keys(e);
-        assert_eq!(keys, vec!["kafka.brokers", "kafka.group_id", "kafka.topics"]);
+        assert_eq!(
+            keys,
+            vec!["kafka.brokers", "kafka.group_id", "kafka.topics"]
+        );
     }
 
     #[test]
     fn semantic_errors_are_collected() {
-        let toml = format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
+        let toml =
+            format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
         let keys = keys(load(&toml, &[]).unwrap_err());
-        assert_eq!(keys, vec!["retry.max_attempts", "retry.non_retryable_statuses"]);
+        assert_eq!(
+            keys,
+            vec!["retry.max_attempts", "retry.non_retryable_statuses"]
+        );
     }
 
     #[test]
     fn url_passwords_are_redacted() {
-        assert_eq!(redact_url("redis://u:secret@h:6379/0"), "redis://u:%3Credacted%3E@h:6379/0");
+        assert_eq!(
+            redact_url("redis://u:secret@h:6379/0"),
+            "redis://u:%3Credacted%3E@h:6379/0"
+        );
         assert_eq!(redact_url("http://h/"), "http://h/");
     }
 
     fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
         if let toml::Value::Table(t) = value {
             for (k, v) in t {
-                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 out.push(path.clone());
                 // Free-form maps (librdkafka properties, HTTP headers) are documented as tables.
                 if !matches!(k.as_str(), "properties" | "headers") {
@@ -762,13 +839,20 @@ mod tests {
     fn config_example_loads_and_documents_every_key() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
         let loaded = Config::load_with_env(Some(&path), Vec::new());
-        assert!(loaded.is_ok(), "config.toml.example must be valid: {loaded:?}");
-        let example: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(
+            loaded.is_ok(),
+            "config.toml.example must be valid: {loaded:?}"
+        );
+        let example: toml::Value =
+            toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         let (mut documented, mut known) = (Vec::new(), Vec::new());
         key_paths(&example, "", &mut documented);
         key_paths(&defaults, "", &mut known);
         let missing: Vec<_> = known.iter().filter(|k| !documented.contains(k)).collect();
-        assert!(missing.is_empty(), "config keys missing from config.toml.example: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "config keys missing from config.toml.example: {missing:?}"
+        );
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +92,10 @@ impl AppClient {
     pub fn new(cfg: &AppConfig, group: &str) -> anyhow::Result<Self> {
         let mut default_headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
-            default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
+            default_headers.insert(
+                HeaderName::from_bytes(name.as_bytes())?,
+                HeaderValue::from_str(value)?,
+            );
         }
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
@@ -118,7 +120,12 @@ impl AppClient {
         };
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Reply { transport: transport_error(&e), per_record: None },
+            Err(e) => {
+                return Reply {
+                    transport: transport_error(&e),
+                    per_record: None,
+                }
+            }
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -129,14 +136,24 @@ impl AppClient {
         // Read the body to the end so the connection goes back to the pool.
         let body = match response.bytes().await {
             Ok(b) => b,
-            Err(e) => return Reply { transport: transport_error(&e), per_record: None },
+            Err(e) => {
+                return Reply {
+                    transport: transport_error(&e),
+                    per_record: None,
+                }
+            }
         };
         let per_record = match self.mode {
-            DeliveryMode::Batch if (200..300).contains(&status) => parse_results(&body, records.len()),
+            DeliveryMode::Batch if (200..300).contains(&status) => {
+                parse_results(&body, records.len())
+            }
             _ => None,
         };
         Reply {
-            transport: Transport::Status { status, retry_after },
+            transport: Transport::Status {
+                status,
+                retry_after,
+            },
             per_record,
         }
     }
@@ -170,8 +187,11 @@ impl AppClient {
                 put(name, v.to_string());
             }
         }
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let body = r.value.clone().unwrap_or_else(Bytes::new);
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let body = r.value.clone().unwrap_or_default();
         self.client.post(self.url.clone()).headers(h).body(body)
     }
 
@@ -286,7 +306,10 @@ mod tests {
 
     #[test]
     fn batch_results_must_match_the_record_count() {
-        assert_eq!(parse_results(br#"{"results":[{"status":200},{"status":422}]}"#, 2), Some(vec![200, 422]));
+        assert_eq!(
+            parse_results(br#"{"results":[{"status":200},{"status":422}]}"#, 2),
+            Some(vec![200, 422])
+        );
         assert_eq!(parse_results(br#"{"results":[{"status":200}]}"#, 2), None);
         assert_eq!(parse_results(b"ok", 2), None);
     }

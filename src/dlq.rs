@@ -54,7 +54,12 @@ impl DeadLetters {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
         // Security settings (sasl.*, ssl.*, security.protocol) are shared with the consumer.
-        for (k, v) in cfg.kafka.properties.iter().filter(|(k, _)| is_shared_property(k)) {
+        for (k, v) in cfg
+            .kafka
+            .properties
+            .iter()
+            .filter(|(k, _)| is_shared_property(k))
+        {
             cc.set(k, v);
         }
         for (k, v) in &cfg.dlq.properties {
@@ -149,7 +154,15 @@ impl DeadLetters {
 
 /// Consumer properties that also make sense for the producer (connection and security).
 fn is_shared_property(key: &str) -> bool {
-    ["security.protocol", "sasl.", "ssl.", "socket.", "broker.", "client.dns.lookup", "enable.ssl"]
-        .iter()
-        .any(|p| key.starts_with(p))
+    [
+        "security.protocol",
+        "sasl.",
+        "ssl.",
+        "socket.",
+        "broker.",
+        "client.dns.lookup",
+        "enable.ssl",
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
 }

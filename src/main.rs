@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "kafka-sidecar", version, about = "Kafka consumer sidecar: delivers records to your app over HTTP")]
+#[command(
+    name = "kafka-sidecar",
+    version,
+    about = "Kafka consumer sidecar: delivers records to your app over HTTP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,10 @@ fn run(cfg: Config) -> ExitCode {
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -87,7 +94,9 @@ async fn watch_signals(shutdown: CancellationToken) {
             _ = int.recv() => {}
         }
         if n == 0 {
-            tracing::info!("signal received; shutting down gracefully (send again to exit at once)");
+            tracing::info!(
+                "signal received; shutting down gracefully (send again to exit at once)"
+            );
             shutdown.cancel();
         } else {
             tracing::warn!("second signal; exiting now");
@@ -100,7 +109,9 @@ fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -70,31 +70,75 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kafka_sidecar");
         let records = Family::<OutcomeLabels, Counter>::default();
-        registry.register("records", "Records by topic and outcome (consumed, delivered, retried, dead_lettered)", records.clone());
+        registry.register(
+            "records",
+            "Records by topic and outcome (consumed, delivered, retried, dead_lettered)",
+            records.clone(),
+        );
         let delivery_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 16))
         });
-        registry.register("delivery_duration_seconds", "Duration of requests to the app, by result", delivery_seconds.clone());
+        registry.register(
+            "delivery_duration_seconds",
+            "Duration of requests to the app, by result",
+            delivery_seconds.clone(),
+        );
         let end_to_end_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 18));
-        registry.register("end_to_end_latency_seconds", "Time from the record timestamp until it is finished", end_to_end_seconds.clone());
+        registry.register(
+            "end_to_end_latency_seconds",
+            "Time from the record timestamp until it is finished",
+            end_to_end_seconds.clone(),
+        );
         let in_flight_records = Gauge::default();
-        registry.register("in_flight_records", "Records read and not yet finished", in_flight_records.clone());
+        registry.register(
+            "in_flight_records",
+            "Records read and not yet finished",
+            in_flight_records.clone(),
+        );
         let in_flight_bytes = Gauge::default();
-        registry.register("in_flight_bytes", "Bytes of records read and not yet finished", in_flight_bytes.clone());
+        registry.register(
+            "in_flight_bytes",
+            "Bytes of records read and not yet finished",
+            in_flight_bytes.clone(),
+        );
         let paused_partitions = Gauge::default();
-        registry.register("paused_partitions", "Partitions paused by backpressure", paused_partitions.clone());
+        registry.register(
+            "paused_partitions",
+            "Partitions paused by backpressure",
+            paused_partitions.clone(),
+        );
         let assigned_partitions = Gauge::default();
-        registry.register("assigned_partitions", "Partitions assigned to this member", assigned_partitions.clone());
+        registry.register(
+            "assigned_partitions",
+            "Partitions assigned to this member",
+            assigned_partitions.clone(),
+        );
         let rebalances = Counter::default();
-        registry.register("rebalances", "Rebalance events (assign or revoke)", rebalances.clone());
+        registry.register(
+            "rebalances",
+            "Rebalance events (assign or revoke)",
+            rebalances.clone(),
+        );
         let commits = Family::<CommitLabels, Counter>::default();
         registry.register("commits", "Offset commits by result", commits.clone());
         let lag_records = Family::<PartitionLabels, Gauge>::default();
-        registry.register("consumer_lag_records", "High watermark minus committed position", lag_records.clone());
+        registry.register(
+            "consumer_lag_records",
+            "High watermark minus committed position",
+            lag_records.clone(),
+        );
         let lag_seconds = Family::<PartitionLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register("consumer_lag_seconds", "Age of the oldest unfinished record", lag_seconds.clone());
+        registry.register(
+            "consumer_lag_seconds",
+            "Age of the oldest unfinished record",
+            lag_seconds.clone(),
+        );
         let committed_offset = Family::<PartitionLabels, Gauge<i64, AtomicI64>>::default();
-        registry.register("committed_offset", "Last committed position", committed_offset.clone());
+        registry.register(
+            "committed_offset",
+            "Last committed position",
+            committed_offset.clone(),
+        );
         Self {
             registry,
             records,
@@ -137,7 +181,8 @@ impl Metrics {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            self.end_to_end_seconds.observe((now - ts).max(0) as f64 / 1000.0);
+            self.end_to_end_seconds
+                .observe((now - ts).max(0) as f64 / 1000.0);
         }
     }
 
@@ -148,11 +193,17 @@ impl Metrics {
             Transport::Unreachable(_) => "unreachable".into(),
             Transport::Failed(_) => "transport".into(),
         };
-        self.delivery_seconds.get_or_create(&ResultLabels { result }).observe(took.as_secs_f64());
+        self.delivery_seconds
+            .get_or_create(&ResultLabels { result })
+            .observe(took.as_secs_f64());
     }
 
     pub fn commit(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.commits.get_or_create(&CommitLabels { result: result.into() }).inc();
+        self.commits
+            .get_or_create(&CommitLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 }

@@ -96,7 +96,10 @@ impl OffsetTracker {
             generation: self.new_generation(),
             ..Default::default()
         });
-        debug_assert!(!state.pending.contains(&offset), "offset {offset} read twice");
+        debug_assert!(
+            !state.pending.contains(&offset),
+            "offset {offset} read twice"
+        );
         state.pending.insert(offset);
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         state.generation
@@ -113,13 +116,18 @@ impl OffsetTracker {
 
     /// Whether work tagged with this generation still belongs to a current assignment.
     pub fn is_current(&self, tp: &TopicPartition, generation: u64) -> bool {
-        self.lock().get(tp).is_some_and(|s| s.generation == generation)
+        self.lock()
+            .get(tp)
+            .is_some_and(|s| s.generation == generation)
     }
 
     /// Unfinished records in the given partitions.
     pub fn unfinished(&self, tps: &[TopicPartition]) -> usize {
         let parts = self.lock();
-        tps.iter().filter_map(|tp| parts.get(tp)).map(|s| s.pending.len()).sum()
+        tps.iter()
+            .filter_map(|tp| parts.get(tp))
+            .map(|s| s.pending.len())
+            .sum()
     }
 
     /// Positions that moved past the last confirmed commit.
@@ -191,7 +199,11 @@ mod tests {
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)]);
         t.finish(&tp(0), 1, g);
         t.finish(&tp(0), 2, g);
-        assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)], "0 is still unfinished");
+        assert_eq!(
+            t.positions_to_commit(),
+            vec![(tp(0), 0)],
+            "0 is still unfinished"
+        );
         t.finish(&tp(0), 0, g);
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 3)]);
         t.finish(&tp(0), 4, g);

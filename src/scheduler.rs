@@ -53,7 +53,10 @@ impl InFlight {
     }
 
     pub fn get(&self) -> (usize, usize) {
-        (self.records.load(AtomicOrdering::Relaxed), self.bytes.load(AtomicOrdering::Relaxed))
+        (
+            self.records.load(AtomicOrdering::Relaxed),
+            self.bytes.load(AtomicOrdering::Relaxed),
+        )
     }
 }
 
@@ -123,7 +126,9 @@ impl Scheduler {
         let mut input_open = true;
         loop {
             while self.running < self.settings.workers {
-                let Some((job, lanes)) = self.take_job(Instant::now(), !input_open) else { break };
+                let Some((job, lanes)) = self.take_job(Instant::now(), !input_open) else {
+                    break;
+                };
                 self.spawn(job, lanes, done_tx.clone());
             }
             if !input_open && self.lanes.is_empty() && self.running == 0 {
@@ -179,7 +184,9 @@ impl Scheduler {
         self.running -= 1;
         self.in_flight.release(done.records, done.bytes);
         for key in done.lanes {
-            let Some(lane) = self.lanes.get_mut(&key) else { continue };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
             lane.busy = false;
             let queued = lane.queue.len();
             if queued == 0 {
@@ -192,7 +199,8 @@ impl Scheduler {
     }
 
     fn on_revoked(&mut self, tps: &[TopicPartition]) {
-        let revoked: HashSet<(&str, i32)> = tps.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
+        let revoked: HashSet<(&str, i32)> =
+            tps.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
         let (mut records, mut bytes, mut unready) = (0, 0, 0);
         self.lanes.retain(|_, lane| {
             lane.queue.retain(|r| {
@@ -209,14 +217,21 @@ impl Scheduler {
         self.in_flight.release(records, bytes);
         self.ready_records -= unready;
         if records > 0 {
-            tracing::info!(records, "dropped queued records of revoked partitions (their new owner reads them again)");
+            tracing::info!(
+                records,
+                "dropped queued records of revoked partitions (their new owner reads them again)"
+            );
         }
     }
 
     /// Next ready lane, skipping stale entries.
     fn pop_ready(&mut self) -> Option<LaneKey> {
         while let Some(key) = self.ready.pop_front() {
-            if self.lanes.get(&key).is_some_and(|l| !l.busy && !l.queue.is_empty()) {
+            if self
+                .lanes
+                .get(&key)
+                .is_some_and(|l| !l.busy && !l.queue.is_empty())
+            {
                 return Some(key);
             }
         }
@@ -226,7 +241,9 @@ impl Scheduler {
     /// In batch mode, when the next batch is due even if not full.
     fn linger_deadline(&self) -> Option<Instant> {
         match self.settings.mode {
-            DeliveryMode::Batch if self.ready_records > 0 && self.running < self.settings.workers => {
+            DeliveryMode::Batch
+                if self.ready_records > 0 && self.running < self.settings.workers =>
+            {
                 self.ready_since.map(|t| t + self.settings.batch.linger)
             }
             _ => None,
@@ -255,13 +272,18 @@ impl Scheduler {
         let mut bytes = 0;
         while job.len() < max_records && bytes < max_bytes {
             let Some(key) = self.pop_ready() else { break };
-            let lane = self.lanes.get_mut(&key).expect("pop_ready returns live lanes");
+            let lane = self
+                .lanes
+                .get_mut(&key)
+                .expect("pop_ready returns live lanes");
             // The lane is busy from now on: its remaining records are no longer ready.
             self.ready_records -= lane.queue.len();
             lane.busy = true;
             // Single mode: one record per job. Batch mode: a lane's records in order.
             while job.len() < max_records && (bytes < max_bytes || job.is_empty()) {
-                let Some(r) = lane.queue.pop_front() else { break };
+                let Some(r) = lane.queue.pop_front() else {
+                    break;
+                };
                 bytes += r.size();
                 job.push(r);
                 if self.settings.mode == DeliveryMode::Single {

@@ -57,7 +57,9 @@ impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         use RDKafkaLogLevel::*;
         match level {
-            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", fac, "{message}")
+            }
             Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
             Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
             Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
@@ -134,7 +136,11 @@ impl SourceContext {
             commit_sync(consumer, &self.tracker, &self.metrics, &final_positions);
         }
         let msg = Input::Revoked(tps);
-        let _ = if closing { self.input.try_send(msg).map_err(|_| ()) } else { self.input.blocking_send(msg).map_err(|_| ()) };
+        let _ = if closing {
+            self.input.try_send(msg).map_err(|_| ())
+        } else {
+            self.input.blocking_send(msg).map_err(|_| ())
+        };
     }
 }
 
@@ -157,11 +163,16 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("partition.assignment.strategy", &k.assignment_strategy)
-        .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
+        .set(
+            "session.timeout.ms",
+            k.session_timeout.as_millis().to_string(),
+        )
         // Prefetch is memory too: keep librdkafka's queue small, and refill it quickly.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.queue.backoff.ms", "100")
-        .set("fetch.max.bytes", "16777216");
+        .set("fetch.max.bytes", "16777216")
+        // Notice topics created after start (and partitions added) within seconds, not minutes.
+        .set("topic.metadata.refresh.interval.ms", "10000");
     if !k.group_instance_id.is_empty() {
         cc.set("group.instance.id", &k.group_instance_id);
     }
@@ -175,8 +186,9 @@ pub fn create_consumer(
         metrics,
         drain_timeout: k.revoke_drain_timeout,
     };
-    cc.create_with_context(context)
-        .map_err(|e| anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}"))
+    cc.create_with_context(context).map_err(|e| {
+        anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}")
+    })
 }
 
 /// Limits that drive pause/resume.
@@ -223,10 +235,12 @@ impl PollLoop {
     /// Runs the loop on a dedicated thread; the handle's result arrives when the consumer is closed.
     pub fn spawn(self) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
-            self.run();
-            let _ = done_tx.send(());
-        })?;
+        std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn(move || {
+                self.run();
+                let _ = done_tx.send(());
+            })?;
         Ok(done_rx)
     }
 
@@ -254,7 +268,10 @@ impl PollLoop {
             match self.consumer.fetch_metadata(None, Duration::from_secs(10)) {
                 Ok(md) => {
                     for topic in &self.topics {
-                        let known = md.topics().iter().any(|t| t.name() == topic && t.error().is_none());
+                        let known = md
+                            .topics()
+                            .iter()
+                            .any(|t| t.name() == topic && t.error().is_none());
                         if !known {
                             tracing::error!(topic, "topic does not exist on the cluster; waiting for it to be created (check kafka.topics)");
                         }
@@ -314,7 +331,10 @@ impl PollLoop {
                     t
                 }
             };
-            let generation = self.tracker.read(&TopicPartition::new(topic.clone(), msg.partition()), msg.offset());
+            let generation = self.tracker.read(
+                &TopicPartition::new(topic.clone(), msg.partition()),
+                msg.offset(),
+            );
             let record = Record::from_message(&msg, topic, generation);
             drop(msg);
             self.in_flight.add(record.size());
@@ -349,10 +369,18 @@ impl PollLoop {
         let l = &self.limits;
         let paused = self.state.paused.load(Ordering::Relaxed);
         if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
-            tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
+            tracing::debug!(
+                records,
+                bytes,
+                "in-flight limit reached; pausing partitions"
+            );
             self.set_paused(true);
         } else if paused && records <= l.resume_records && bytes <= l.resume_bytes {
-            tracing::debug!(records, bytes, "in-flight below the resume threshold; resuming partitions");
+            tracing::debug!(
+                records,
+                bytes,
+                "in-flight below the resume threshold; resuming partitions"
+            );
             self.set_paused(false);
         }
     }
@@ -363,11 +391,17 @@ impl PollLoop {
             Ok(a) => a,
             Err(e) => return tracing::warn!(error = %e, "cannot read the assignment"),
         };
-        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
         if let Err(e) = result {
             tracing::warn!(error = %e, pause, "failed to pause/resume partitions");
         }
-        self.metrics.paused_partitions.set(if pause { assignment.count() as i64 } else { 0 });
+        self.metrics
+            .paused_partitions
+            .set(if pause { assignment.count() as i64 } else { 0 });
     }
 
     fn commit_async(&self) {
@@ -382,7 +416,12 @@ impl PollLoop {
     }
 }
 
-fn commit_sync(consumer: &SourceConsumer, tracker: &OffsetTracker, metrics: &Metrics, positions: &[(TopicPartition, i64)]) {
+fn commit_sync(
+    consumer: &SourceConsumer,
+    tracker: &OffsetTracker,
+    metrics: &Metrics,
+    positions: &[(TopicPartition, i64)],
+) {
     if positions.is_empty() {
         return;
     }
@@ -407,7 +446,11 @@ impl ErrorLog {
     fn log(&mut self, e: &KafkaError) {
         let msg = e.to_string();
         let now = Instant::now();
-        if self.0.get(&msg).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10)) {
+        if self
+            .0
+            .get(&msg)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10))
+        {
             return;
         }
         tracing::error!(error = %msg, "kafka consumer error");
@@ -428,7 +471,9 @@ fn positions(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
     tpl.elements()
         .iter()
         .filter_map(|e| match e.offset() {
-            Offset::Offset(o) if e.error().is_ok() => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+            Offset::Offset(o) if e.error().is_ok() => {
+                Some((TopicPartition::new(e.topic(), e.partition()), o))
+            }
             _ => None,
         })
         .collect()
@@ -442,9 +487,15 @@ fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 }
 
 fn fmt_tps(tps: &[TopicPartition]) -> String {
-    tps.iter().map(|tp| format!("{}/{}", tp.topic, tp.partition)).collect::<Vec<_>>().join(",")
+    tps.iter()
+        .map(|tp| format!("{}/{}", tp.topic, tp.partition))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn fmt_positions(p: &[(TopicPartition, i64)]) -> String {
-    p.iter().map(|(tp, o)| format!("{}/{}@{}", tp.topic, tp.partition, o)).collect::<Vec<_>>().join(",")
+    p.iter()
+        .map(|(tp, o)| format!("{}/{}@{}", tp.topic, tp.partition, o))
+        .collect::<Vec<_>>()
+        .join(",")
 }

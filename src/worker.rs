@@ -70,13 +70,24 @@ impl Worker {
                 r = self.app.send(&records, attempt) => r,
                 _ = self.hard_stop.cancelled() => return Err(Stopped),
             };
-            self.metrics.observe_delivery(started.elapsed(), &reply.transport);
+            self.metrics
+                .observe_delivery(started.elapsed(), &reply.transport);
             let verdicts: Vec<Verdict> = match &reply.per_record {
                 Some(statuses) => statuses
                     .iter()
-                    .map(|&status| classify(&Transport::Status { status, retry_after: None }, &self.retry.non_retryable_statuses))
+                    .map(|&status| {
+                        classify(
+                            &Transport::Status {
+                                status,
+                                retry_after: None,
+                            },
+                            &self.retry.non_retryable_statuses,
+                        )
+                    })
                     .collect(),
-                None => vec![classify(&reply.transport, &self.retry.non_retryable_statuses); open.len()],
+                None => {
+                    vec![classify(&reply.transport, &self.retry.non_retryable_statuses); open.len()]
+                }
             };
             let mut still_open = Vec::new();
             let mut wait: Option<Duration> = None;
@@ -84,7 +95,9 @@ impl Worker {
             for (mut o, verdict) in open.into_iter().zip(verdicts) {
                 match (verdict, self.dlq.as_ref()) {
                     (Verdict::Success, _) => self.finish(o.record, "delivered"),
-                    (Verdict::Poison(error), Some(dlq)) => self.dead_letter(dlq, o.record, attempt, &error).await?,
+                    (Verdict::Poison(error), Some(dlq)) => {
+                        self.dead_letter(dlq, o.record, attempt, &error).await?
+                    }
                     (Verdict::Retry(_, after), _) if o.failures + 1 < self.retry.max_attempts => {
                         o.failures += 1;
                         self.metrics.record_outcome(o.record, "retried");
@@ -132,7 +145,9 @@ impl Worker {
                     }
                     delay
                 }
-                None => wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff)),
+                None => {
+                    wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff))
+                }
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -142,7 +157,10 @@ impl Worker {
     }
 
     fn finish(&self, record: &Record, outcome: &'static str) {
-        if self.tracker.finish(&tp(record), record.offset, record.generation) {
+        if self
+            .tracker
+            .finish(&tp(record), record.offset, record.generation)
+        {
             self.metrics.record_finished(record, outcome);
         }
     }
@@ -159,7 +177,9 @@ impl Worker {
             error_class = %error.class, error = %error.message, attempts,
             "dead-lettering record"
         );
-        dlq.send(record, attempts, error, &self.hard_stop).await.map_err(|_| Stopped)?;
+        dlq.send(record, attempts, error, &self.hard_stop)
+            .await
+            .map_err(|_| Stopped)?;
         self.finish(record, "dead_lettered");
         Ok(())
     }

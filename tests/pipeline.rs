@@ -11,12 +11,19 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// 10,000 records over 3 partitions with 50 keys, values `key:seq`.
 async fn produce_keyed_stream(topic: &str) -> Vec<Out> {
-    let records: Vec<Out> = (0..10_000).map(|i| Out::keyed(format!("k{}", i % 50), format!("k{}:{}", i % 50, i / 50))).collect();
+    let records: Vec<Out> = (0..10_000)
+        .map(|i| Out::keyed(format!("k{}", i % 50), format!("k{}:{}", i % 50, i / 50)))
+        .collect();
     produce(topic, records.clone()).await;
     records
 }
 
-async fn wait_committed_to_end(group: &str, topic: &str, partitions: i32, timeout: Duration) -> (Vec<i64>, Vec<i64>) {
+async fn wait_committed_to_end(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> (Vec<i64>, Vec<i64>) {
     let ends = end_offsets(topic, partitions);
     let mut last = vec![];
     wait_until(timeout, || {
@@ -45,9 +52,16 @@ async fn ten_thousand_records_are_delivered_exactly_once_in_key_order() {
     let cfg = SidecarConfig::new(&topic, &app);
     let sidecar = Sidecar::start(&cfg);
 
-    assert!(wait_until(2 * MINUTE, || app.delivered_count() >= 10_000).await, "only {} delivered", app.delivered_count());
+    assert!(
+        wait_until(2 * MINUTE, || app.delivered_count() >= 10_000).await,
+        "only {} delivered",
+        app.delivered_count()
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
-    assert_eq!(committed, ends, "committed offsets must reach the end offsets");
+    assert_eq!(
+        committed, ends,
+        "committed offsets must reach the end offsets"
+    );
 
     let delivered = app.delivered();
     assert_each_offset_once(&delivered, 10_000);
@@ -55,10 +69,17 @@ async fn ten_thousand_records_are_delivered_exactly_once_in_key_order() {
     for r in &delivered {
         let v = r.value_str();
         let (key, seq) = v.split_once(':').unwrap();
-        assert_eq!(r.key.as_deref(), Some(key.as_bytes()), "key header carries the record key");
+        assert_eq!(
+            r.key.as_deref(),
+            Some(key.as_bytes()),
+            "key header carries the record key"
+        );
         let seq: i64 = seq.parse().unwrap();
         let prev = last_seq.insert(key.to_string(), seq);
-        assert!(prev.is_none_or(|p| p < seq), "key {key}: {seq} arrived after {prev:?}");
+        assert!(
+            prev.is_none_or(|p| p < seq),
+            "key {key}: {seq} arrived after {prev:?}"
+        );
     }
     assert_eq!(last_seq.len(), 50);
     drop(sidecar);
@@ -75,7 +96,11 @@ async fn partition_mode_delivers_each_partition_in_offset_order() {
     cfg.ordering = "partition";
     let _sidecar = Sidecar::start(&cfg);
 
-    assert!(wait_until(2 * MINUTE, || app.delivered_count() >= 10_000).await, "only {} delivered", app.delivered_count());
+    assert!(
+        wait_until(2 * MINUTE, || app.delivered_count() >= 10_000).await,
+        "only {} delivered",
+        app.delivered_count()
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
     let delivered = app.delivered();
@@ -83,7 +108,12 @@ async fn partition_mode_delivers_each_partition_in_offset_order() {
     let mut last: HashMap<i32, i64> = HashMap::new();
     for r in &delivered {
         let prev = last.insert(r.partition, r.offset);
-        assert!(prev.is_none_or(|p| p < r.offset), "partition {}: offset {} after {prev:?}", r.partition, r.offset);
+        assert!(
+            prev.is_none_or(|p| p < r.offset),
+            "partition {}: offset {} after {prev:?}",
+            r.partition,
+            r.offset
+        );
     }
 }
 
@@ -94,22 +124,50 @@ async fn server_errors_are_retried_until_delivered_and_nothing_is_dead_lettered(
     let dlq = unique("flaky-dlq");
     create_topic(&topic, 3).await;
     create_topic(&dlq, 1).await;
-    let records: Vec<Out> = (0..300).map(|i| Out::keyed(format!("k{}", i % 10), if i % 7 == 0 { format!("flaky-{i}") } else { format!("ok-{i}") })).collect();
+    let records: Vec<Out> = (0..300)
+        .map(|i| {
+            Out::keyed(
+                format!("k{}", i % 10),
+                if i % 7 == 0 {
+                    format!("flaky-{i}")
+                } else {
+                    format!("ok-{i}")
+                },
+            )
+        })
+        .collect();
     produce(&topic, records).await;
     // Flaky records get 500 on their first two attempts.
-    let app = TestApp::start(|r| if r.value_str().starts_with("flaky") && r.attempt <= 2 { Answer::status(500) } else { Answer::ok() }).await;
+    let app = TestApp::start(|r| {
+        if r.value_str().starts_with("flaky") && r.attempt <= 2 {
+            Answer::status(500)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     cfg.dlq = Some(dlq.clone());
     let _sidecar = Sidecar::start(&cfg);
 
-    assert!(wait_until(MINUTE, || app.delivered_count() >= 300).await, "only {} delivered", app.delivered_count());
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 300).await,
+        "only {} delivered",
+        app.delivered_count()
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
     let delivered = app.delivered();
     assert_each_offset_once(&delivered, 300);
-    let flaky: Vec<_> = delivered.iter().filter(|r| r.value_str().starts_with("flaky")).collect();
+    let flaky: Vec<_> = delivered
+        .iter()
+        .filter(|r| r.value_str().starts_with("flaky"))
+        .collect();
     assert_eq!(flaky.len(), 43);
-    assert!(flaky.iter().all(|r| r.attempt == 3), "flaky records are delivered on their third attempt");
+    assert!(
+        flaky.iter().all(|r| r.attempt == 3),
+        "flaky records are delivered on their third attempt"
+    );
     let failures = app.requests().iter().filter(|r| r.status == 500).count();
     assert_eq!(failures, 86, "two 500s per flaky record");
     assert_eq!(end_offsets(&dlq, 1), vec![0], "nothing is dead-lettered");
@@ -124,13 +182,27 @@ async fn poison_records_go_to_the_dlq_with_metadata_and_commits_pass_them() {
     create_topic(&dlq, 1).await;
     let records: Vec<Out> = (0..500)
         .map(|i| {
-            let mut o = Out::keyed(format!("k{}", i % 20), if i % 25 == 0 { format!("poison-{i}") } else { format!("ok-{i}") });
+            let mut o = Out::keyed(
+                format!("k{}", i % 20),
+                if i % 25 == 0 {
+                    format!("poison-{i}")
+                } else {
+                    format!("ok-{i}")
+                },
+            );
             o.headers.push(("origin".into(), format!("test-{i}")));
             o
         })
         .collect();
     produce(&topic, records).await;
-    let app = TestApp::start(|r| if r.value_str().starts_with("poison") { Answer::status(422) } else { Answer::ok() }).await;
+    let app = TestApp::start(|r| {
+        if r.value_str().starts_with("poison") {
+            Answer::status(422)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     cfg.dlq = Some(dlq.clone());
     let _sidecar = Sidecar::start(&cfg);
@@ -142,14 +214,26 @@ async fn poison_records_go_to_the_dlq_with_metadata_and_commits_pass_them() {
     assert!(delivered.iter().all(|r| r.value_str().starts_with("ok")));
 
     let dead = read_all(&dlq, 1);
-    assert_eq!(dead.len(), 20, "exactly the poison records are dead-lettered");
+    assert_eq!(
+        dead.len(),
+        20,
+        "exactly the poison records are dead-lettered"
+    );
     let mut sources = HashSet::new();
     for d in &dead {
         let value = String::from_utf8(d.value.clone().unwrap()).unwrap();
         assert!(value.starts_with("poison-"), "{value}");
         let i: usize = value["poison-".len()..].parse().unwrap();
-        assert_eq!(d.key.as_deref(), Some(format!("k{}", i % 20).as_bytes()), "original key kept");
-        assert_eq!(d.headers["origin"], format!("test-{i}"), "original headers kept");
+        assert_eq!(
+            d.key.as_deref(),
+            Some(format!("k{}", i % 20).as_bytes()),
+            "original key kept"
+        );
+        assert_eq!(
+            d.headers["origin"],
+            format!("test-{i}"),
+            "original headers kept"
+        );
         assert_eq!(d.headers["x-dlq-source-topic"], topic);
         assert_eq!(d.headers["x-dlq-consumer-group"], cfg.group);
         assert_eq!(d.headers["x-dlq-error-class"], "http_422");
@@ -158,7 +242,11 @@ async fn poison_records_go_to_the_dlq_with_metadata_and_commits_pass_them() {
         assert!(d.headers["x-dlq-error-message"].contains("422"));
         let p: i32 = d.headers["x-dlq-source-partition"].parse().unwrap();
         let o: i64 = d.headers["x-dlq-source-offset"].parse().unwrap();
-        let rejected = app.requests().into_iter().find(|r| r.id() == (p, o)).expect("the app saw the poison record");
+        let rejected = app
+            .requests()
+            .into_iter()
+            .find(|r| r.id() == (p, o))
+            .expect("the app saw the poison record");
         assert_eq!(rejected.status, 422);
         sources.insert((p, o));
     }
@@ -172,24 +260,50 @@ async fn an_app_outage_dead_letters_nothing_and_everything_arrives_after_it() {
     let dlq = unique("outage-dlq");
     create_topic(&topic, 3).await;
     create_topic(&dlq, 1).await;
-    produce(&topic, (0..2000).map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}"))).collect()).await;
-    let app = TestApp::start(|_| Answer { delay: Duration::from_millis(2), ..Answer::ok() }).await;
+    produce(
+        &topic,
+        (0..2000)
+            .map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}")))
+            .collect(),
+    )
+    .await;
+    let app = TestApp::start(|_| Answer {
+        delay: Duration::from_millis(2),
+        ..Answer::ok()
+    })
+    .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     cfg.dlq = Some(dlq.clone());
     cfg.workers = 4;
     let _sidecar = Sidecar::start(&cfg);
 
-    assert!(wait_until(MINUTE, || app.delivered_count() >= 300).await, "stream did not start");
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 300).await,
+        "stream did not start"
+    );
     app.stop();
     let during = app.delivered_count();
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(during < 2000, "the outage must happen mid-stream");
     let app = app.restart().await;
 
-    assert!(wait_until(2 * MINUTE, || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len() >= 2000).await);
+    assert!(
+        wait_until(2 * MINUTE, || app
+            .delivered()
+            .iter()
+            .map(|r| r.id())
+            .collect::<HashSet<_>>()
+            .len()
+            >= 2000)
+        .await
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
-    assert_eq!(end_offsets(&dlq, 1), vec![0], "an outage dead-letters nothing");
+    assert_eq!(
+        end_offsets(&dlq, 1),
+        vec![0],
+        "an outage dead-letters nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,17 +311,43 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     require_kafka();
     let topic = unique("crash");
     create_topic(&topic, 3).await;
-    produce(&topic, (0..3000).map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}"))).collect()).await;
-    let app = TestApp::start(|_| Answer { delay: Duration::from_millis(3), ..Answer::ok() }).await;
+    produce(
+        &topic,
+        (0..3000)
+            .map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}")))
+            .collect(),
+    )
+    .await;
+    let app = TestApp::start(|_| Answer {
+        delay: Duration::from_millis(3),
+        ..Answer::ok()
+    })
+    .await;
     let cfg = SidecarConfig::new(&topic, &app);
     let mut sidecar = Sidecar::start(&cfg);
-    assert!(wait_until(MINUTE, || app.delivered_count() >= 1000).await, "stream did not start");
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 1000).await,
+        "stream did not start"
+    );
     sidecar.kill9();
-    assert!(app.delivered_count() < 3000, "the kill must happen mid-stream");
+    assert!(
+        app.delivered_count() < 3000,
+        "the kill must happen mid-stream"
+    );
 
     let _restarted = Sidecar::start(&cfg);
-    let all = || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len();
-    assert!(wait_until(2 * MINUTE, || all() >= 3000).await, "only {} distinct records delivered", all());
+    let all = || {
+        app.delivered()
+            .iter()
+            .map(|r| r.id())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert!(
+        wait_until(2 * MINUTE, || all() >= 3000).await,
+        "only {} distinct records delivered",
+        all()
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
 }
@@ -217,19 +357,43 @@ async fn sigterm_mid_stream_exits_zero_and_a_restart_delivers_nothing_twice() {
     require_kafka();
     let topic = unique("term");
     create_topic(&topic, 3).await;
-    produce(&topic, (0..3000).map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}"))).collect()).await;
-    let app = TestApp::start(|_| Answer { delay: Duration::from_millis(3), ..Answer::ok() }).await;
+    produce(
+        &topic,
+        (0..3000)
+            .map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}")))
+            .collect(),
+    )
+    .await;
+    let app = TestApp::start(|_| Answer {
+        delay: Duration::from_millis(3),
+        ..Answer::ok()
+    })
+    .await;
     let cfg = SidecarConfig::new(&topic, &app); // grace_period = 15s
     let mut sidecar = Sidecar::start(&cfg);
-    assert!(wait_until(MINUTE, || app.delivered_count() >= 1000).await, "stream did not start");
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 1000).await,
+        "stream did not start"
+    );
 
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = sidecar.wait_exit(Duration::from_secs(15)).await.expect("exits within the grace period");
-    assert!(status.success(), "exit status {status:?}\n{}", sidecar.log());
+    let status = sidecar
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits within the grace period");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        sidecar.log()
+    );
     assert!(app.delivered_count() < 3000, "SIGTERM must come mid-stream");
 
     let _restarted = Sidecar::start(&cfg);
-    assert!(wait_until(2 * MINUTE, || app.delivered_count() >= 3000).await, "only {} delivered", app.delivered_count());
+    assert!(
+        wait_until(2 * MINUTE, || app.delivered_count() >= 3000).await,
+        "only {} delivered",
+        app.delivered_count()
+    );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
     assert_each_offset_once(&app.delivered(), 3000);
@@ -242,22 +406,72 @@ async fn a_slow_app_sees_at_most_workers_requests_and_memory_stays_bounded_over_
     let topic = unique("backlog");
     create_topic(&topic, 3).await;
     let value = "x".repeat(1024);
-    produce(&topic, (0..200_000).map(|i| Out::keyed(format!("k{}", i % 1000), format!("{i}:{value}"))).collect()).await;
-    let app = TestApp::start(|_| Answer { delay: Duration::from_millis(100), ..Answer::ok() }).await;
+    produce(
+        &topic,
+        (0..200_000)
+            .map(|i| Out::keyed(format!("k{}", i % 1000), format!("{i}:{value}")))
+            .collect(),
+    )
+    .await;
+    let app = TestApp::start(|_| Answer {
+        delay: Duration::from_millis(100),
+        ..Answer::ok()
+    })
+    .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     cfg.workers = 4;
     let sidecar = Sidecar::start(&cfg);
 
-    assert!(wait_until(MINUTE, || app.delivered_count() >= 20).await, "delivery did not start");
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 20).await,
+        "delivery did not start"
+    );
     let mut peak = 0;
     for _ in 0..40 {
         peak = peak.max(sidecar.rss_kib());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(app.max_in_flight() <= 4, "the app saw {} concurrent requests", app.max_in_flight());
+    assert!(
+        app.max_in_flight() <= 4,
+        "the app saw {} concurrent requests",
+        app.max_in_flight()
+    );
     assert_eq!(app.max_in_flight(), 4, "all four workers are used");
     assert!(peak > 0);
-    assert!(peak < RSS_LIMIT_MIB * 1024, "resident memory {} MiB over the {RSS_LIMIT_MIB} MiB bound with a 200 MB backlog", peak / 1024);
+    assert!(
+        peak < RSS_LIMIT_MIB * 1024,
+        "resident memory {} MiB over the {RSS_LIMIT_MIB} MiB bound with a 200 MB backlog",
+        peak / 1024
+    );
     let ends: i64 = end_offsets(&topic, 3).iter().sum();
     assert_eq!(ends, 200_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_delivers_in_partition_order_and_dead_letters_per_record_rejections() {
+    require_kafka();
+    let topic = unique("batch");
+    let dlq = unique("batch-dlq");
+    create_topic(&topic, 3).await;
+    create_topic(&dlq, 1).await;
+    produce(&topic, (0..3000).map(|i| Out::keyed(format!("k{}", i % 30), if i % 100 == 0 { format!("poison-{i}") } else { format!("v{i}") })).collect()).await;
+    let app = TestApp::start(|r| if r.value_str().starts_with("poison") { Answer::status(422) } else { Answer::ok() }).await;
+    let mut cfg = SidecarConfig::new(&topic, &app);
+    cfg.ordering = "partition";
+    cfg.dlq = Some(dlq.clone());
+    cfg.mode = "batch";
+    cfg.extra = "[batch]\nmax_records = 50\nlinger = \"10ms\"\n".into();
+    let _sidecar = Sidecar::start(&cfg);
+
+    let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, 2 * MINUTE).await;
+    assert_eq!(committed, ends);
+    let delivered = app.delivered();
+    assert_each_offset_once(&delivered, 2970);
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    for r in &delivered {
+        let prev = last.insert(r.partition, r.offset);
+        assert!(prev.is_none_or(|p| p < r.offset), "partition {}: offset {} after {prev:?}", r.partition, r.offset);
+    }
+    assert!(app.max_batch() > 1 && app.max_batch() <= 50, "batches of 2..=50 records, saw {}", app.max_batch());
+    assert_eq!(read_all(&dlq, 1).len(), 30, "per-record 422s are dead-lettered");
 }

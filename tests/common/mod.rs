@@ -44,16 +44,28 @@ pub fn require_kafka() {
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let results = admin
-        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .create_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .expect("create_topics");
     for r in results {
@@ -95,9 +107,14 @@ pub async fn produce(topic: &str, records: Vec<Out>) {
         for r in &records {
             let mut headers = OwnedHeaders::new();
             for (k, v) in &r.headers {
-                headers = headers.insert(rdkafka::message::Header { key: k, value: Some(v.as_bytes()) });
+                headers = headers.insert(rdkafka::message::Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
             }
-            let mut rec = BaseRecord::to(&topic).payload(r.value.as_bytes()).headers(headers);
+            let mut rec = BaseRecord::to(&topic)
+                .payload(r.value.as_bytes())
+                .headers(headers);
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_bytes());
             }
@@ -110,7 +127,12 @@ pub async fn produce(topic: &str, records: Vec<Out>) {
                     Ok(()) => break,
                     Err((e, back)) => {
                         assert!(
-                            matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                            matches!(
+                                e,
+                                rdkafka::error::KafkaError::MessageProduction(
+                                    rdkafka::types::RDKafkaErrorCode::QueueFull
+                                )
+                            ),
                             "produce failed: {e}"
                         );
                         rec = back;
@@ -143,7 +165,9 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
             tpl.add_partition(topic, p);
         }
         // Scoped so the list is dropped before the consumer (rdkafka drop-hang pitfall).
-        let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
         got.elements()
             .iter()
             .map(|e| match e.offset() {
@@ -159,7 +183,11 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
 pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
     let c = consumer("watermarks");
     (0..partitions)
-        .map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
         .collect()
 }
 
@@ -182,7 +210,8 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
     {
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
         c.assign(&tpl).expect("assign");
     }
@@ -193,7 +222,12 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
                 .headers()
                 .map(|hs| {
                     hs.iter()
-                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -256,10 +290,17 @@ pub struct Answer {
 
 impl Answer {
     pub fn ok() -> Self {
-        Self { status: 200, delay: Duration::ZERO, retry_after: None }
+        Self {
+            status: 200,
+            delay: Duration::ZERO,
+            retry_after: None,
+        }
     }
     pub fn status(status: u16) -> Self {
-        Self { status, ..Self::ok() }
+        Self {
+            status,
+            ..Self::ok()
+        }
     }
 }
 
@@ -270,6 +311,7 @@ struct AppState {
     requests: Mutex<Vec<Request>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    max_batch: AtomicUsize,
 }
 
 /// A real HTTP server standing in for the app. Single-mode requests only.
@@ -286,18 +328,24 @@ impl TestApp {
             requests: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            max_batch: AtomicUsize::new(0),
         });
         Self::serve(state, 0).await
     }
 
     async fn serve(state: Arc<AppState>, port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind app");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind app");
         let port = listener.local_addr().unwrap().port();
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(state.clone());
         let s = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(s.cancelled_owned()).await.unwrap();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+                .unwrap();
         });
         Self { state, port, stop }
     }
@@ -316,7 +364,10 @@ impl TestApp {
         self.stop.cancel();
         let state = self.state.clone();
         for _ in 0..50 {
-            if tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -330,11 +381,25 @@ impl TestApp {
 
     /// Requests answered 2xx.
     pub fn delivered(&self) -> Vec<Request> {
-        self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .collect()
     }
 
     pub fn delivered_count(&self) -> usize {
-        self.state.requests.lock().unwrap().iter().filter(|r| (200..300).contains(&r.status)).count()
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .count()
+    }
+
+    /// Largest batch received (batch mode).
+    pub fn max_batch(&self) -> usize {
+        self.state.max_batch.load(Ordering::SeqCst)
     }
 
     pub fn max_in_flight(&self) -> usize {
@@ -343,9 +408,18 @@ impl TestApp {
 }
 
 async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !headers.contains_key("x-kafka-topic") {
+        return handle_batch(state, headers, body).await;
+    }
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let h = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
     let mut req = Request {
         topic: h("x-kafka-topic"),
         partition: h("x-kafka-partition").parse().unwrap_or(-1),
@@ -353,7 +427,9 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         attempt: h("x-kafka-attempt").parse().unwrap_or(0),
         key: headers.get("x-kafka-key").map(|v| {
             use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(v.as_bytes()).expect("key is base64")
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .expect("key is base64")
         }),
         value: body.to_vec(),
         headers: headers.clone(),
@@ -368,9 +444,36 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
     if let Some(secs) = answer.retry_after {
-        resp.headers_mut().insert("retry-after", secs.to_string().parse().unwrap());
+        resp.headers_mut()
+            .insert("retry-after", secs.to_string().parse().unwrap());
     }
     resp
+}
+
+/// Batch mode: answers `{"results": [...]}` with the behavior's status for each record.
+async fn handle_batch(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| v.as_str().map(|s| base64::engine::general_purpose::STANDARD.decode(s).expect("base64"));
+    let envelope: serde_json::Value = serde_json::from_slice(&body).expect("batch body is JSON");
+    let records = envelope["records"].as_array().expect("records array").clone();
+    state.max_batch.fetch_max(records.len(), Ordering::SeqCst);
+    let mut results = Vec::new();
+    for r in &records {
+        let mut req = Request {
+            topic: r["topic"].as_str().unwrap().to_string(),
+            partition: r["partition"].as_i64().unwrap() as i32,
+            offset: r["offset"].as_i64().unwrap(),
+            attempt: r["attempt"].as_u64().unwrap() as u32,
+            key: b64(&r["key"]),
+            value: b64(&r["value"]).unwrap_or_default(),
+            headers: headers.clone(),
+            status: 0,
+        };
+        req.status = (state.behavior)(&req).status;
+        results.push(serde_json::json!({ "status": req.status }));
+        state.requests.lock().unwrap().push(req);
+    }
+    axum::Json(serde_json::json!({ "results": results })).into_response()
 }
 
 /// Settings of one sidecar run.
@@ -381,6 +484,8 @@ pub struct SidecarConfig {
     pub app_url: String,
     pub dlq: Option<String>,
     pub ordering: &'static str,
+    /// "single" or "batch".
+    pub mode: &'static str,
     pub workers: usize,
     pub extra: String,
 }
@@ -393,6 +498,7 @@ impl SidecarConfig {
             app_url: app.url(),
             dlq: None,
             ordering: "key",
+            mode: "single",
             workers: 8,
             extra: String::new(),
         }
@@ -411,6 +517,7 @@ session_timeout = "10s"
 
 [app]
 url = "{url}"
+mode = "{mode}"
 timeout = "5s"
 
 [pipeline]
@@ -436,6 +543,7 @@ grace_period = "15s"
             topic = self.topic,
             url = self.app_url,
             ordering = self.ordering,
+            mode = self.mode,
             workers = self.workers,
             extra = self.extra,
         )
@@ -500,7 +608,8 @@ impl Sidecar {
 
     /// Resident memory of the process in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
