@@ -37,20 +37,16 @@ impl AdminState {
 }
 
 /// Binds the admin port; the returned future serves until `stop` fires.
-pub async fn serve(
-    addr: SocketAddr,
-    state: AdminState,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/status", get(status))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!("failed to bind the admin server on {addr} (admin.listen): {e}")
-    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to bind the admin server on {addr} (admin.listen): {e}"))?;
     tracing::info!(%addr, "admin server listening");
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -72,10 +68,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
 }
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {

@@ -18,6 +18,7 @@ use crate::offsets::OffsetTracker;
 use crate::scheduler::{InFlight, Scheduler, Settings};
 use crate::source::{self, Limits, PollLoop, SourceState};
 use crate::worker::Worker;
+use crate::{lag, telemetry};
 
 /// Runs the sidecar until `shutdown` fires, then shuts down gracefully.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -27,25 +28,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let state = Arc::new(SourceState::default());
     let hard_stop = CancellationToken::new();
     let close = CancellationToken::new();
+    let tracer = telemetry::init(&cfg.telemetry)?;
 
     let worker = Arc::new(Worker {
-        app: AppClient::new(&cfg.app, &cfg.kafka.group_id)
-            .context("failed to build the HTTP client (app.*)")?,
+        app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
         dlq: DeadLetters::from_config(&cfg)?,
         tracker: tracker.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
+        group: cfg.kafka.group_id.clone(),
         hard_stop: hard_stop.clone(),
     });
     // The in-flight bound keeps this channel from ever filling; the slack covers control messages.
     let (input_tx, input_rx) = mpsc::channel(cfg.pipeline.max_in_flight_records + 64);
-    let consumer = source::create_consumer(
-        &cfg,
-        tracker.clone(),
-        input_tx.clone(),
-        state.clone(),
-        metrics.clone(),
-    )?;
+    let consumer = source::create_consumer(&cfg, tracker.clone(), input_tx.clone(), state.clone(), metrics.clone())?;
 
     if !cfg.admin.listen.is_empty() {
         let addr = cfg.admin.listen.parse().context("admin.listen")?;
@@ -59,14 +55,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         admin::serve(addr, admin_state, close.clone()).await?;
     }
 
+    lag::spawn(&cfg, tracker.clone(), metrics.clone(), close.clone())?;
+
     let settings = Settings {
         ordering: cfg.pipeline.ordering,
         mode: cfg.app.mode,
         workers: cfg.pipeline.workers,
         batch: cfg.batch.clone(),
     };
-    let mut scheduler =
-        tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    let mut scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
     let poll_done = PollLoop {
         consumer,
         topics: cfg.kafka.topics.clone(),
@@ -97,10 +94,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let reserve = (grace / 4).min(Duration::from_secs(5));
     let (records, _) = in_flight.get();
     tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
-    if tokio::time::timeout(grace - reserve, &mut scheduler)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace - reserve, &mut scheduler).await.is_err() {
         let (records, _) = in_flight.get();
         tracing::warn!(
             unfinished = records,
@@ -117,6 +111,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let dlq_flush = reserve / 2;
         tokio::task::block_in_place(|| dlq.flush(dlq_flush));
     }
+    telemetry::shutdown(tracer);
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -17,6 +17,8 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::telemetry::TelemetryConfig;
+
 /// Prefix of environment variables that override config keys:
 /// `KAFKA_SIDECAR_<SECTION>__<KEY>`, e.g. `KAFKA_SIDECAR_KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "KAFKA_SIDECAR_";
@@ -43,6 +45,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,12 +267,16 @@ pub struct AdminConfig {
     /// Listen address of the admin server (/metrics, /healthz, /readyz, /status). Empty: disabled.
     #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
+    /// How often consumer lag (partition end offsets) is refreshed, even when no records flow.
+    #[serde(with = "humantime_serde")]
+    pub lag_interval: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:9464".into(),
+            lag_interval: Duration::from_secs(5),
         }
     }
 }
@@ -375,32 +383,22 @@ impl Config {
             bad("kafka.group_id", "is required");
         }
         if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
-            bad(
-                "kafka.topics",
-                "is required: a non-empty list of topic names",
-            );
+            bad("kafka.topics", "is required: a non-empty list of topic names");
         }
-        if !["cooperative-sticky", "range", "roundrobin"].contains(&k.assignment_strategy.as_str())
-        {
+        if !["cooperative-sticky", "range", "roundrobin"].contains(&k.assignment_strategy.as_str()) {
             bad(
                 "kafka.assignment_strategy",
                 "must be \"cooperative-sticky\", \"range\" or \"roundrobin\"",
             );
         }
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
-            bad(
-                "kafka.auto_offset_reset",
-                "must be \"earliest\" or \"latest\"",
-            );
+            bad("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\"");
         }
         if k.commit_interval.is_zero() {
             bad("kafka.commit_interval", "must be greater than 0");
         }
         match reqwest::Url::parse(&self.app.url) {
-            _ if self.app.url.is_empty() => bad(
-                "app.url",
-                "is required (e.g. \"http://127.0.0.1:8080/records\")",
-            ),
+            _ if self.app.url.is_empty() => bad("app.url", "is required (e.g. \"http://127.0.0.1:8080/records\")"),
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             Ok(_) => bad("app.url", "must be an http:// or https:// URL"),
             Err(e) => bad("app.url", &format!("is not a valid URL: {e}")),
@@ -410,10 +408,7 @@ impl Config {
         }
         for name in self.app.headers.keys() {
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                bad(
-                    &format!("app.headers.{name}"),
-                    "is not a valid HTTP header name",
-                );
+                bad(&format!("app.headers.{name}"), "is not a valid HTTP header name");
             }
         }
         let p = &self.pipeline;
@@ -427,10 +422,7 @@ impl Config {
             bad("pipeline.max_in_flight_bytes", "must be at least 1KiB");
         }
         if !(p.resume_threshold > 0.0 && p.resume_threshold < 1.0) {
-            bad(
-                "pipeline.resume_threshold",
-                "must be between 0 and 1 (exclusive)",
-            );
+            bad("pipeline.resume_threshold", "must be between 0 and 1 (exclusive)");
         }
         if self.batch.max_records == 0 {
             bad("batch.max_records", "must be at least 1");
@@ -438,9 +430,7 @@ impl Config {
         if self.retry.max_attempts == 0 {
             bad("retry.max_attempts", "must be at least 1");
         }
-        if self.retry.initial_backoff.is_zero()
-            || self.retry.initial_backoff > self.retry.max_backoff
-        {
+        if self.retry.initial_backoff.is_zero() || self.retry.initial_backoff > self.retry.max_backoff {
             bad(
                 "retry.initial_backoff",
                 "must be greater than 0 and at most retry.max_backoff",
@@ -448,18 +438,13 @@ impl Config {
         }
         for s in &self.retry.non_retryable_statuses {
             if !(400..=599).contains(s) {
-                bad(
-                    "retry.non_retryable_statuses",
-                    &format!("{s} is not a 4xx/5xx status"),
-                );
+                bad("retry.non_retryable_statuses", &format!("{s} is not a 4xx/5xx status"));
             }
         }
         if self.shutdown.grace_period < Duration::from_secs(1) {
             bad("shutdown.grace_period", "must be at least 1s");
         }
-        if !self.admin.listen.is_empty()
-            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
-        {
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
                 "admin.listen",
                 "must be an address like \"0.0.0.0:9464\" (or empty to disable)",
@@ -480,11 +465,7 @@ impl Config {
         c.app.url = redact_url(&c.app.url);
         for (name, value) in c.app.headers.iter_mut() {
             let n = name.to_ascii_lowercase();
-            if n.contains("auth")
-                || n.contains("token")
-                || n.contains("key")
-                || n.contains("secret")
-            {
+            if n.contains("auth") || n.contains("token") || n.contains("key") || n.contains("secret") {
                 *value = REDACTED.into();
             }
         }
@@ -537,10 +518,7 @@ fn env_dict(env: &[(String, String)]) -> Dict {
                 ],
                 Value::from(raw.clone()),
             ),
-            None => (
-                rest.split("__").map(str::to_ascii_lowercase).collect(),
-                env_value(raw),
-            ),
+            None => (rest.split("__").map(str::to_ascii_lowercase).collect(), env_value(raw)),
         };
         insert_path(&mut root, &path, value);
     }
@@ -559,9 +537,7 @@ fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
         dict.insert(first.clone(), value);
         return;
     }
-    let child = dict
-        .entry(first.clone())
-        .or_insert_with(|| Value::from(Dict::new()));
+    let child = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
     if let Value::Dict(_, d) = child {
         insert_path(d, rest, value);
     }
@@ -569,8 +545,17 @@ fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
 
 /// Extracts each section on its own so that errors in several sections are all reported.
 fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<Config> {
-    const SECTIONS: [&str; 9] = [
-        "kafka", "app", "pipeline", "batch", "retry", "dlq", "shutdown", "admin", "log",
+    const SECTIONS: &[&str] = &[
+        "kafka",
+        "app",
+        "pipeline",
+        "batch",
+        "retry",
+        "dlq",
+        "shutdown",
+        "admin",
+        "log",
+        "telemetry",
     ];
     match figment.data() {
         Ok(data) => {
@@ -578,10 +563,7 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
                 for key in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
                     issues.push(ConfigIssue {
                         key: key.clone(),
-                        reason: format!(
-                            "unknown section (expected one of: {})",
-                            SECTIONS.join(", ")
-                        ),
+                        reason: format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
                     });
                 }
             }
@@ -602,15 +584,12 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
         shutdown: section(figment, "shutdown", issues),
         admin: section(figment, "admin", issues),
         log: section(figment, "log", issues),
+        telemetry: section(figment, "telemetry", issues),
     };
     (issues.len() == before).then_some(config)
 }
 
-fn section<T: DeserializeOwned + Default>(
-    figment: &Figment,
-    name: &str,
-    issues: &mut Vec<ConfigIssue>,
-) -> T {
+fn section<T: DeserializeOwned + Default>(figment: &Figment, name: &str, issues: &mut Vec<ConfigIssue>) -> T {
     figment.extract_inner(name).unwrap_or_else(|e| {
         push_figment_errors(e, name, issues);
         T::default()
@@ -792,21 +771,14 @@ mod tests {
     fn missing_required_values_are_named() {
         let e = load("[app]\nurl = \"http://x/\"\n", &[]).unwrap_err();
         let keys = keys(e);
-        assert_eq!(
-            keys,
-            vec!["kafka.brokers", "kafka.group_id", "kafka.topics"]
-        );
+        assert_eq!(keys, vec!["kafka.brokers", "kafka.group_id", "kafka.topics"]);
     }
 
     #[test]
     fn semantic_errors_are_collected() {
-        let toml =
-            format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
+        let toml = format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
         let keys = keys(load(&toml, &[]).unwrap_err());
-        assert_eq!(
-            keys,
-            vec!["retry.max_attempts", "retry.non_retryable_statuses"]
-        );
+        assert_eq!(keys, vec!["retry.max_attempts", "retry.non_retryable_statuses"]);
     }
 
     #[test]
@@ -839,12 +811,8 @@ mod tests {
     fn config_example_loads_and_documents_every_key() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
         let loaded = Config::load_with_env(Some(&path), Vec::new());
-        assert!(
-            loaded.is_ok(),
-            "config.toml.example must be valid: {loaded:?}"
-        );
-        let example: toml::Value =
-            toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(loaded.is_ok(), "config.toml.example must be valid: {loaded:?}");
+        let example: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         let (mut documented, mut known) = (Vec::new(), Vec::new());
         key_paths(&example, "", &mut documented);

@@ -6,6 +6,7 @@
 //! - batch mode: `POST app.url`, JSON envelope `{"records": [...]}`; the app may answer
 //!   `{"results": [{"status": 200}, ...]}` (same order) to settle records one by one.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -32,6 +33,13 @@ pub mod headers {
 
 /// Record headers passed to the app as plain HTTP headers too (trace context).
 const PASSTHROUGH: [&str; 2] = ["traceparent", "tracestate"];
+
+/// A record to send, with the trace context of its delivery span.
+pub struct Outgoing<'a> {
+    pub record: &'a Record,
+    /// `traceparent`/`tracestate` to send instead of the record's own (empty: use the record's).
+    pub trace: &'a HashMap<String, String>,
+}
 
 /// What one request produced: the transport outcome and, for a batch answered with a
 /// `results` array, one status per record.
@@ -70,6 +78,9 @@ pub struct JsonRecord {
     pub value: Option<String>,
     pub headers: Vec<JsonHeader>,
     pub attempt: u32,
+    /// W3C trace context of this record's delivery span (or the record's own), if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub traceparent: Option<String>,
 }
 
 /// The batch request body.
@@ -92,10 +103,7 @@ impl AppClient {
     pub fn new(cfg: &AppConfig, group: &str) -> anyhow::Result<Self> {
         let mut default_headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
-            default_headers.insert(
-                HeaderName::from_bytes(name.as_bytes())?,
-                HeaderValue::from_str(value)?,
-            );
+            default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
         }
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout)
@@ -113,9 +121,9 @@ impl AppClient {
     }
 
     /// Sends records (exactly one in single mode) as attempt number `attempt`.
-    pub async fn send(&self, records: &[&Record], attempt: u32) -> Reply {
+    pub async fn send(&self, records: &[Outgoing<'_>], attempt: u32) -> Reply {
         let request = match self.mode {
-            DeliveryMode::Single => self.single_request(records[0], attempt),
+            DeliveryMode::Single => self.single_request(&records[0], attempt),
             DeliveryMode::Batch => self.batch_request(records, attempt),
         };
         let response = match request.send().await {
@@ -144,21 +152,17 @@ impl AppClient {
             }
         };
         let per_record = match self.mode {
-            DeliveryMode::Batch if (200..300).contains(&status) => {
-                parse_results(&body, records.len())
-            }
+            DeliveryMode::Batch if (200..300).contains(&status) => parse_results(&body, records.len()),
             _ => None,
         };
         Reply {
-            transport: Transport::Status {
-                status,
-                retry_after,
-            },
+            transport: Transport::Status { status, retry_after },
             per_record,
         }
     }
 
-    fn single_request(&self, r: &Record, attempt: u32) -> reqwest::RequestBuilder {
+    fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
+        let r = out.record;
         let mut h = HeaderMap::new();
         let mut put = |name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {
@@ -183,23 +187,20 @@ impl AppClient {
             put(headers::HEADERS, ascii_json(&json_headers(r)));
         }
         for name in PASSTHROUGH {
-            if let Some(v) = r.header_str(name) {
+            if let Some(v) = out.trace.get(name).map(String::as_str).or_else(|| r.header_str(name)) {
                 put(name, v.to_string());
             }
         }
-        h.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let body = r.value.clone().unwrap_or_default();
         self.client.post(self.url.clone()).headers(h).body(body)
     }
 
-    fn batch_request(&self, records: &[&Record], attempt: u32) -> reqwest::RequestBuilder {
+    fn batch_request(&self, records: &[Outgoing<'_>], attempt: u32) -> reqwest::RequestBuilder {
         let envelope = BatchEnvelope {
             records: records
                 .iter()
-                .map(|r| JsonRecord {
+                .map(|Outgoing { record: r, trace }| JsonRecord {
                     topic: r.topic.to_string(),
                     partition: r.partition,
                     offset: r.offset,
@@ -208,6 +209,10 @@ impl AppClient {
                     value: r.value.as_ref().map(|v| B64.encode(v)),
                     headers: json_headers(r),
                     attempt,
+                    traceparent: trace
+                        .get("traceparent")
+                        .cloned()
+                        .or_else(|| r.header_str("traceparent").map(str::to_string)),
                 })
                 .collect(),
         };

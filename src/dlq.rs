@@ -4,9 +4,9 @@
 //! A write counts only when the broker acknowledged it (idempotent producer, acks=all).
 //! A failing write is retried with backoff until it succeeds or shutdown's hard stop.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, RetryConfig};
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
+use crate::source::connection_config;
 
 /// Header names added to dead-lettered records.
 pub mod headers {
@@ -46,22 +47,11 @@ impl DeadLetters {
         if cfg.dlq.topic.is_empty() {
             return Ok(None);
         }
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.kafka.brokers)
-            .set("client.id", format!("{}-dlq", cfg.kafka.client_id))
-            .set("enable.idempotence", "true")
+        let mut cc = connection_config(cfg, "-dlq");
+        cc.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
-        // Security settings (sasl.*, ssl.*, security.protocol) are shared with the consumer.
-        for (k, v) in cfg
-            .kafka
-            .properties
-            .iter()
-            .filter(|(k, _)| is_shared_property(k))
-        {
-            cc.set(k, v);
-        }
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
         }
@@ -82,9 +72,10 @@ impl DeadLetters {
         record: &Record,
         attempts: u32,
         error: &ErrorInfo,
+        trace: &HashMap<String, String>,
         hard_stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
-        let headers = self.headers(record, attempts, error);
+        let headers = self.headers(record, attempts, error, trace);
         let mut backoff = Backoff::from_config(&self.retry);
         loop {
             let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers.clone());
@@ -116,12 +107,19 @@ impl DeadLetters {
         }
     }
 
-    fn headers(&self, r: &Record, attempts: u32, error: &ErrorInfo) -> OwnedHeaders {
+    fn headers(&self, r: &Record, attempts: u32, error: &ErrorInfo, trace: &HashMap<String, String>) -> OwnedHeaders {
         let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
-        for (name, value) in &r.headers {
+        // Original headers, except a trace context replaced by the delivery span's.
+        for (name, value) in r.headers.iter().filter(|(name, _)| !trace.contains_key(name)) {
             h = h.insert(Header {
                 key: name,
                 value: value.as_deref(),
+            });
+        }
+        for (name, value) in trace {
+            h = h.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
             });
         }
         let ts = r.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
@@ -150,19 +148,4 @@ impl DeadLetters {
             tracing::warn!(error = %e, "DLQ producer did not flush in time");
         }
     }
-}
-
-/// Consumer properties that also make sense for the producer (connection and security).
-fn is_shared_property(key: &str) -> bool {
-    [
-        "security.protocol",
-        "sasl.",
-        "ssl.",
-        "socket.",
-        "broker.",
-        "client.dns.lookup",
-        "enable.ssl",
-    ]
-    .iter()
-    .any(|p| key.starts_with(p))
 }

@@ -81,10 +81,7 @@ fn run(cfg: Config) -> ExitCode {
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -94,9 +91,7 @@ async fn watch_signals(shutdown: CancellationToken) {
             _ = int.recv() => {}
         }
         if n == 0 {
-            tracing::info!(
-                "signal received; shutting down gracefully (send again to exit at once)"
-            );
+            tracing::info!("signal received; shutting down gracefully (send again to exit at once)");
             shutdown.cancel();
         } else {
             tracing::warn!("second signal; exiting now");

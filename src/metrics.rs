@@ -1,7 +1,9 @@
 //! All metrics, registered once, named `kafka_sidecar_<what>_<unit>[_total]`.
 //! Labels are bounded: topic, partition, outcome, result — never keys or offsets.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -12,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::offsets::PartitionView;
 use crate::record::Record;
 use crate::retry::Transport;
 
@@ -58,6 +61,7 @@ pub struct Metrics {
     pub lag_records: Family<PartitionLabels, Gauge>,
     pub lag_seconds: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
     pub committed_offset: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
+    shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
 impl Default for Metrics {
@@ -114,11 +118,7 @@ impl Metrics {
             assigned_partitions.clone(),
         );
         let rebalances = Counter::default();
-        registry.register(
-            "rebalances",
-            "Rebalance events (assign or revoke)",
-            rebalances.clone(),
-        );
+        registry.register("rebalances", "Rebalance events (assign or revoke)", rebalances.clone());
         let commits = Family::<CommitLabels, Counter>::default();
         registry.register("commits", "Offset commits by result", commits.clone());
         let lag_records = Family::<PartitionLabels, Gauge>::default();
@@ -134,11 +134,7 @@ impl Metrics {
             lag_seconds.clone(),
         );
         let committed_offset = Family::<PartitionLabels, Gauge<i64, AtomicI64>>::default();
-        registry.register(
-            "committed_offset",
-            "Last committed position",
-            committed_offset.clone(),
-        );
+        registry.register("committed_offset", "Last committed position", committed_offset.clone());
         Self {
             registry,
             records,
@@ -153,6 +149,7 @@ impl Metrics {
             lag_records,
             lag_seconds,
             committed_offset,
+            shown_partitions: Mutex::new(HashSet::new()),
         }
     }
 
@@ -181,8 +178,7 @@ impl Metrics {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            self.end_to_end_seconds
-                .observe((now - ts).max(0) as f64 / 1000.0);
+            self.end_to_end_seconds.observe((now - ts).max(0) as f64 / 1000.0);
         }
     }
 
@@ -198,12 +194,36 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Per-partition lag and committed offsets; partitions no longer assigned disappear.
+    pub fn set_partitions(&self, views: &[PartitionView]) {
+        let mut shown = self.shown_partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = HashSet::new();
+        for v in views {
+            let labels = PartitionLabels {
+                topic: v.tp.topic.to_string(),
+                partition: v.tp.partition.to_string(),
+            };
+            if let Some(lag) = v.lag {
+                self.lag_records.get_or_create(&labels).set(lag);
+            }
+            self.lag_seconds.get_or_create(&labels).set(v.lag_seconds);
+            if let Some(c) = v.committed {
+                self.committed_offset.get_or_create(&labels).set(c);
+            }
+            now.insert(labels);
+        }
+        for gone in shown.difference(&now) {
+            self.lag_records.remove(gone);
+            self.lag_seconds.remove(gone);
+            self.committed_offset.remove(gone);
+        }
+        *shown = now;
+    }
+
     pub fn commit(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.commits
-            .get_or_create(&CommitLabels {
-                result: result.into(),
-            })
+            .get_or_create(&CommitLabels { result: result.into() })
             .inc();
     }
 }

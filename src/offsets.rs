@@ -9,7 +9,7 @@
 //! older generation (work that finished after its partition was revoked) is ignored, so it
 //! can never move a newer assignment's commit position.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,22 +32,46 @@ impl TopicPartition {
 #[derive(Debug, Default)]
 struct PartitionState {
     generation: u64,
-    /// Offsets read and not yet finished.
-    pending: BTreeSet<i64>,
+    /// Offsets read and not yet finished, with their record timestamps (ms).
+    pending: BTreeMap<i64, Option<i64>>,
     /// Highest offset read + 1.
     next: Option<i64>,
+    /// First offset read under this assignment (where consumption resumed).
+    start: Option<i64>,
+    /// Timestamp of the last record read.
+    last_timestamp: Option<i64>,
     /// Last position the broker confirmed as committed.
     committed: Option<i64>,
+    /// Partition end (high watermark), refreshed by the lag monitor.
+    high_watermark: Option<i64>,
 }
 
 impl PartitionState {
     fn position(&self) -> Option<i64> {
-        self.pending.first().copied().or(self.next)
+        self.pending.keys().next().copied().or(self.next)
+    }
+
+    /// High watermark minus the committed position (or where reading started).
+    fn lag(&self) -> Option<i64> {
+        let hi = self.high_watermark?;
+        let from = self.committed.or(self.start).unwrap_or(hi);
+        Some((hi - from).max(0))
+    }
+
+    /// Age of the oldest unfinished record; with nothing unfinished but lag left, the age of
+    /// the last record read (an upper bound for the oldest unread one).
+    fn lag_seconds(&self, now_ms: i64) -> f64 {
+        let oldest = match self.pending.values().next() {
+            Some(ts) => *ts,
+            None if self.lag().unwrap_or(0) > 0 => self.last_timestamp,
+            None => None,
+        };
+        oldest.map_or(0.0, |ts| (now_ms - ts).max(0) as f64 / 1000.0)
     }
 }
 
 /// A point-in-time view of one partition, for status and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PartitionView {
     pub tp: TopicPartition,
     /// Next offset to read, as far as the sidecar has read.
@@ -58,6 +82,12 @@ pub struct PartitionView {
     pub committed: Option<i64>,
     /// Records read and not finished.
     pub pending: usize,
+    /// Partition end offset, when known.
+    pub high_watermark: Option<i64>,
+    /// High watermark minus committed position, when known.
+    pub lag: Option<i64>,
+    /// Age of the oldest unfinished record in seconds (0 when none).
+    pub lag_seconds: f64,
 }
 
 /// Shared by the poll thread (reads, commits) and the workers (finish).
@@ -90,18 +120,19 @@ impl OffsetTracker {
     }
 
     /// Registers a record that was read; returns the generation to tag its work with.
-    pub fn read(&self, tp: &TopicPartition, offset: i64) -> u64 {
+    pub fn read(&self, tp: &TopicPartition, offset: i64, timestamp_ms: Option<i64>) -> u64 {
         let mut parts = self.lock();
         let state = parts.entry(tp.clone()).or_insert_with(|| PartitionState {
             generation: self.new_generation(),
             ..Default::default()
         });
-        debug_assert!(
-            !state.pending.contains(&offset),
-            "offset {offset} read twice"
-        );
-        state.pending.insert(offset);
+        debug_assert!(!state.pending.contains_key(&offset), "offset {offset} read twice");
+        state.pending.insert(offset, timestamp_ms);
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        state.start.get_or_insert(offset);
+        if timestamp_ms.is_some() {
+            state.last_timestamp = timestamp_ms;
+        }
         state.generation
     }
 
@@ -109,25 +140,20 @@ impl OffsetTracker {
     pub fn finish(&self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
         let mut parts = self.lock();
         match parts.get_mut(tp) {
-            Some(state) if state.generation == generation => state.pending.remove(&offset),
+            Some(state) if state.generation == generation => state.pending.remove(&offset).is_some(),
             _ => false,
         }
     }
 
     /// Whether work tagged with this generation still belongs to a current assignment.
     pub fn is_current(&self, tp: &TopicPartition, generation: u64) -> bool {
-        self.lock()
-            .get(tp)
-            .is_some_and(|s| s.generation == generation)
+        self.lock().get(tp).is_some_and(|s| s.generation == generation)
     }
 
     /// Unfinished records in the given partitions.
     pub fn unfinished(&self, tps: &[TopicPartition]) -> usize {
         let parts = self.lock();
-        tps.iter()
-            .filter_map(|tp| parts.get(tp))
-            .map(|s| s.pending.len())
-            .sum()
+        tps.iter().filter_map(|tp| parts.get(tp)).map(|s| s.pending.len()).sum()
     }
 
     /// Positions that moved past the last confirmed commit.
@@ -165,8 +191,25 @@ impl OffsetTracker {
             .collect()
     }
 
+    /// Records a partition's high watermark (from the lag monitor).
+    pub fn set_high_watermark(&self, tp: &TopicPartition, high: i64) {
+        if let Some(state) = self.lock().get_mut(tp) {
+            state.high_watermark = Some(high);
+        }
+    }
+
+    /// The tracked (assigned) partitions.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        let mut tps: Vec<_> = self.lock().keys().cloned().collect();
+        tps.sort();
+        tps
+    }
+
     /// All tracked partitions, sorted.
     pub fn snapshot(&self) -> Vec<PartitionView> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         let parts = self.lock();
         let mut out: Vec<_> = parts
             .iter()
@@ -176,6 +219,9 @@ impl OffsetTracker {
                 position: s.position(),
                 committed: s.committed,
                 pending: s.pending.len(),
+                high_watermark: s.high_watermark,
+                lag: s.lag(),
+                lag_seconds: s.lag_seconds(now_ms),
             })
             .collect();
         out.sort_by(|a, b| a.tp.cmp(&b.tp));
@@ -195,15 +241,11 @@ mod tests {
     fn commit_position_is_the_smallest_unfinished_offset() {
         let t = OffsetTracker::default();
         t.assign(&[tp(0)]);
-        let g = (0..5).map(|o| t.read(&tp(0), o)).last().unwrap();
+        let g = (0..5).map(|o| t.read(&tp(0), o, None)).last().unwrap();
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)]);
         t.finish(&tp(0), 1, g);
         t.finish(&tp(0), 2, g);
-        assert_eq!(
-            t.positions_to_commit(),
-            vec![(tp(0), 0)],
-            "0 is still unfinished"
-        );
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 0)], "0 is still unfinished");
         t.finish(&tp(0), 0, g);
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 3)]);
         t.finish(&tp(0), 4, g);
@@ -214,8 +256,8 @@ mod tests {
     #[test]
     fn gaps_in_offsets_do_not_stall_the_watermark() {
         let t = OffsetTracker::default();
-        let g = t.read(&tp(0), 10);
-        t.read(&tp(0), 13);
+        let g = t.read(&tp(0), 10, None);
+        t.read(&tp(0), 13, None);
         t.finish(&tp(0), 10, g);
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 13)]);
         t.finish(&tp(0), 13, g);
@@ -225,7 +267,7 @@ mod tests {
     #[test]
     fn confirmed_positions_are_not_committed_again() {
         let t = OffsetTracker::default();
-        let g = t.read(&tp(1), 0);
+        let g = t.read(&tp(1), 0, None);
         t.finish(&tp(1), 0, g);
         let p = t.positions_to_commit();
         t.committed(&p);
@@ -236,16 +278,35 @@ mod tests {
     fn completions_from_a_revoked_generation_are_ignored() {
         let t = OffsetTracker::default();
         t.assign(&[tp(0)]);
-        let old = t.read(&tp(0), 0);
+        let old = t.read(&tp(0), 0, None);
         assert_eq!(t.revoke(&[tp(0)]), vec![(tp(0), 0)]);
         t.assign(&[tp(0)]);
-        let new = t.read(&tp(0), 0);
+        let new = t.read(&tp(0), 0, None);
         assert_ne!(old, new);
         assert!(!t.finish(&tp(0), 0, old));
         assert!(!t.is_current(&tp(0), old));
         assert_eq!(t.unfinished(&[tp(0)]), 1);
         assert!(t.finish(&tp(0), 0, new));
         assert_eq!(t.unfinished(&[tp(0)]), 0);
+    }
+
+    #[test]
+    fn lag_counts_from_the_committed_position_and_ages_the_oldest_unfinished_record() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0)]);
+        let g = t.read(&tp(0), 10, Some(1_000));
+        t.read(&tp(0), 11, Some(2_000));
+        t.set_high_watermark(&tp(0), 15);
+        let v = &t.snapshot()[0];
+        assert_eq!(
+            v.lag,
+            Some(5),
+            "nothing committed yet: counted from where reading started"
+        );
+        assert!(v.lag_seconds > 1_000_000.0, "record timestamps are from 1970");
+        t.finish(&tp(0), 10, g);
+        t.committed(&[(tp(0), 11)]);
+        assert_eq!(t.snapshot()[0].lag, Some(4));
     }
 
     #[test]

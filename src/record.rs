@@ -53,10 +53,7 @@ impl Record {
             .iter()
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
             .sum();
-        self.key.as_ref().map_or(0, Bytes::len)
-            + self.value.as_ref().map_or(0, Bytes::len)
-            + headers
-            + 64
+        self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len) + headers + 64
     }
 
     /// The value of the first header with this name, as UTF-8.

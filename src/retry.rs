@@ -17,10 +17,7 @@ use crate::config::RetryConfig;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
     /// The app answered with this status.
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
+    Status { status: u16, retry_after: Option<Duration> },
     /// The request timed out.
     Timeout,
     /// The connection could not be established (refused, unreachable, DNS).
@@ -62,26 +59,15 @@ impl ErrorInfo {
 pub fn classify(t: &Transport, non_retryable: &[u16]) -> Verdict {
     match t {
         Transport::Status { status, .. } if (200..300).contains(status) => Verdict::Success,
-        Transport::Status { status, .. } if non_retryable.contains(status) => {
-            Verdict::Poison(ErrorInfo::new(
-                format!("http_{status}"),
-                format!("app rejected the record with status {status}"),
-            ))
-        }
-        Transport::Status {
-            status,
-            retry_after,
-        } => Verdict::Retry(
-            ErrorInfo::new(
-                format!("http_{status}"),
-                format!("app answered status {status}"),
-            ),
+        Transport::Status { status, .. } if non_retryable.contains(status) => Verdict::Poison(ErrorInfo::new(
+            format!("http_{status}"),
+            format!("app rejected the record with status {status}"),
+        )),
+        Transport::Status { status, retry_after } => Verdict::Retry(
+            ErrorInfo::new(format!("http_{status}"), format!("app answered status {status}")),
             *retry_after,
         ),
-        Transport::Timeout => Verdict::Retry(
-            ErrorInfo::new("timeout", "request to the app timed out"),
-            None,
-        ),
+        Transport::Timeout => Verdict::Retry(ErrorInfo::new("timeout", "request to the app timed out"), None),
         Transport::Failed(e) => Verdict::Retry(ErrorInfo::new("transport", e.clone()), None),
         Transport::Unreachable(e) => Verdict::Outage(ErrorInfo::new("unreachable", e.clone())),
     }
@@ -97,11 +83,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            step: 0,
-        }
+        Self { initial, max, step: 0 }
     }
 
     pub fn from_config(c: &RetryConfig) -> Self {
@@ -133,10 +115,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -160,22 +139,14 @@ mod tests {
 
     #[test]
     fn configured_client_errors_are_poison() {
-        assert!(
-            matches!(classify(&status(422), NON_RETRYABLE), Verdict::Poison(e) if e.class == "http_422")
-        );
-        assert!(matches!(
-            classify(&status(400), NON_RETRYABLE),
-            Verdict::Poison(_)
-        ));
+        assert!(matches!(classify(&status(422), NON_RETRYABLE), Verdict::Poison(e) if e.class == "http_422"));
+        assert!(matches!(classify(&status(400), NON_RETRYABLE), Verdict::Poison(_)));
     }
 
     #[test]
     fn server_errors_other_client_errors_and_timeouts_are_retried() {
         for s in [500, 502, 503, 404, 409, 429] {
-            assert!(
-                matches!(classify(&status(s), NON_RETRYABLE), Verdict::Retry(..)),
-                "{s}"
-            );
+            assert!(matches!(classify(&status(s), NON_RETRYABLE), Verdict::Retry(..)), "{s}");
         }
         assert!(matches!(
             classify(&Transport::Timeout, NON_RETRYABLE),
@@ -193,17 +164,12 @@ mod tests {
             status: 429,
             retry_after: Some(Duration::from_secs(1)),
         };
-        assert!(
-            matches!(classify(&t, NON_RETRYABLE), Verdict::Retry(_, Some(d)) if d == Duration::from_secs(1))
-        );
+        assert!(matches!(classify(&t, NON_RETRYABLE), Verdict::Retry(_, Some(d)) if d == Duration::from_secs(1)));
     }
 
     #[test]
     fn an_unreachable_app_is_an_outage_not_poison() {
-        let v = classify(
-            &Transport::Unreachable("connection refused".into()),
-            NON_RETRYABLE,
-        );
+        let v = classify(&Transport::Unreachable("connection refused".into()), NON_RETRYABLE);
         assert!(matches!(v, Verdict::Outage(_)));
     }
 
@@ -228,10 +194,7 @@ mod tests {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         let future = SystemTime::now() + Duration::from_secs(120);
         let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -199,8 +199,7 @@ impl Scheduler {
     }
 
     fn on_revoked(&mut self, tps: &[TopicPartition]) {
-        let revoked: HashSet<(&str, i32)> =
-            tps.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
+        let revoked: HashSet<(&str, i32)> = tps.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
         let (mut records, mut bytes, mut unready) = (0, 0, 0);
         self.lanes.retain(|_, lane| {
             lane.queue.retain(|r| {
@@ -227,11 +226,7 @@ impl Scheduler {
     /// Next ready lane, skipping stale entries.
     fn pop_ready(&mut self) -> Option<LaneKey> {
         while let Some(key) = self.ready.pop_front() {
-            if self
-                .lanes
-                .get(&key)
-                .is_some_and(|l| !l.busy && !l.queue.is_empty())
-            {
+            if self.lanes.get(&key).is_some_and(|l| !l.busy && !l.queue.is_empty()) {
                 return Some(key);
             }
         }
@@ -241,9 +236,7 @@ impl Scheduler {
     /// In batch mode, when the next batch is due even if not full.
     fn linger_deadline(&self) -> Option<Instant> {
         match self.settings.mode {
-            DeliveryMode::Batch
-                if self.ready_records > 0 && self.running < self.settings.workers =>
-            {
+            DeliveryMode::Batch if self.ready_records > 0 && self.running < self.settings.workers => {
                 self.ready_since.map(|t| t + self.settings.batch.linger)
             }
             _ => None,
@@ -272,10 +265,7 @@ impl Scheduler {
         let mut bytes = 0;
         while job.len() < max_records && bytes < max_bytes {
             let Some(key) = self.pop_ready() else { break };
-            let lane = self
-                .lanes
-                .get_mut(&key)
-                .expect("pop_ready returns live lanes");
+            let lane = self.lanes.get_mut(&key).expect("pop_ready returns live lanes");
             // The lane is busy from now on: its remaining records are no longer ready.
             self.ready_records -= lane.queue.len();
             lane.busy = true;

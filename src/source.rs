@@ -128,7 +128,10 @@ impl SourceContext {
             }
             let left = self.tracker.unfinished(&tps);
             if left > 0 {
-                tracing::warn!(records = left, "revoke drain timed out; unfinished records will be redelivered by the new owner");
+                tracing::warn!(
+                    records = left,
+                    "revoke drain timed out; unfinished records will be redelivered by the new owner"
+                );
             }
         }
         let final_positions = self.tracker.revoke(&tps);
@@ -163,10 +166,7 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("partition.assignment.strategy", &k.assignment_strategy)
-        .set(
-            "session.timeout.ms",
-            k.session_timeout.as_millis().to_string(),
-        )
+        .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
         // Prefetch is memory too: keep librdkafka's queue small, and refill it quickly.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.queue.backoff.ms", "100")
@@ -186,9 +186,34 @@ pub fn create_consumer(
         metrics,
         drain_timeout: k.revoke_drain_timeout,
     };
-    cc.create_with_context(context).map_err(|e| {
-        anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}")
-    })
+    cc.create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}"))
+}
+
+/// Connection and security settings (`security.protocol`, `sasl.*`, `ssl.*`, ...) shared by
+/// every Kafka client the sidecar makes besides the consumer (DLQ producer, lag monitor).
+pub fn connection_config(cfg: &Config, client_suffix: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", format!("{}{client_suffix}", cfg.kafka.client_id));
+    for (k, v) in cfg.kafka.properties.iter().filter(|(k, _)| is_connection_property(k)) {
+        cc.set(k, v);
+    }
+    cc
+}
+
+fn is_connection_property(key: &str) -> bool {
+    [
+        "security.protocol",
+        "sasl.",
+        "ssl.",
+        "socket.",
+        "broker.",
+        "client.dns.lookup",
+        "enable.ssl",
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
 }
 
 /// Limits that drive pause/resume.
@@ -235,12 +260,10 @@ impl PollLoop {
     /// Runs the loop on a dedicated thread; the handle's result arrives when the consumer is closed.
     pub fn spawn(self) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("kafka-poll".into())
-            .spawn(move || {
-                self.run();
-                let _ = done_tx.send(());
-            })?;
+        std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
+            self.run();
+            let _ = done_tx.send(());
+        })?;
         Ok(done_rx)
     }
 
@@ -268,10 +291,7 @@ impl PollLoop {
             match self.consumer.fetch_metadata(None, Duration::from_secs(10)) {
                 Ok(md) => {
                     for topic in &self.topics {
-                        let known = md
-                            .topics()
-                            .iter()
-                            .any(|t| t.name() == topic && t.error().is_none());
+                        let known = md.topics().iter().any(|t| t.name() == topic && t.error().is_none());
                         if !known {
                             tracing::error!(topic, "topic does not exist on the cluster; waiting for it to be created (check kafka.topics)");
                         }
@@ -331,10 +351,8 @@ impl PollLoop {
                     t
                 }
             };
-            let generation = self.tracker.read(
-                &TopicPartition::new(topic.clone(), msg.partition()),
-                msg.offset(),
-            );
+            let tp = TopicPartition::new(topic.clone(), msg.partition());
+            let generation = self.tracker.read(&tp, msg.offset(), msg.timestamp().to_millis());
             let record = Record::from_message(&msg, topic, generation);
             drop(msg);
             self.in_flight.add(record.size());
@@ -369,11 +387,7 @@ impl PollLoop {
         let l = &self.limits;
         let paused = self.state.paused.load(Ordering::Relaxed);
         if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
-            tracing::debug!(
-                records,
-                bytes,
-                "in-flight limit reached; pausing partitions"
-            );
+            tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
             self.set_paused(true);
         } else if paused && records <= l.resume_records && bytes <= l.resume_bytes {
             tracing::debug!(
@@ -471,9 +485,7 @@ fn positions(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
     tpl.elements()
         .iter()
         .filter_map(|e| match e.offset() {
-            Offset::Offset(o) if e.error().is_ok() => {
-                Some((TopicPartition::new(e.topic(), e.partition()), o))
-            }
+            Offset::Offset(o) if e.error().is_ok() => Some((TopicPartition::new(e.topic(), e.partition()), o)),
             _ => None,
         })
         .collect()

@@ -6,18 +6,21 @@
 //! never dropped to make progress. With no DLQ configured, an exhausted record keeps being
 //! retried at the maximum backoff and blocks its lane.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::RetryConfig;
-use crate::delivery::AppClient;
+use crate::delivery::{AppClient, Outgoing};
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
+use crate::telemetry::DeliverySpan;
 
 /// Everything a job needs; shared by all jobs.
 pub struct Worker {
@@ -26,6 +29,8 @@ pub struct Worker {
     pub tracker: Arc<OffsetTracker>,
     pub retry: RetryConfig,
     pub metrics: Arc<Metrics>,
+    /// Consumer group, for span attributes.
+    pub group: String,
     /// Fired when the shutdown grace period is over: abandon unfinished work (it is not committed).
     pub hard_stop: CancellationToken,
 }
@@ -35,6 +40,9 @@ struct Open<'a> {
     record: &'a Record,
     failures: u32,
     exhausted_logged: bool,
+    span: DeliverySpan,
+    /// `traceparent`/`tracestate` of the delivery span, passed to the app and the DLQ.
+    trace: HashMap<String, String>,
 }
 
 /// The job stopped early: shutdown's hard stop.
@@ -43,35 +51,65 @@ struct Stopped;
 impl Worker {
     /// Delivers a job; returns when every record is finished or abandoned.
     pub async fn run(&self, job: &[Record]) {
-        let _ = self.run_inner(job).await;
-    }
-
-    async fn run_inner(&self, job: &[Record]) -> Result<(), Stopped> {
         let mut open: Vec<Open<'_>> = job
             .iter()
-            .map(|record| Open {
-                record,
-                failures: 0,
-                exhausted_logged: false,
+            .map(|record| {
+                let span = DeliverySpan::start(record, &self.group);
+                Open {
+                    record,
+                    failures: 0,
+                    exhausted_logged: false,
+                    trace: span.headers(),
+                    span,
+                }
             })
             .collect();
+        // Log lines of this job carry the (first) record's coordinates and trace id.
+        let first = &job[0];
+        let log_span = tracing::info_span!(
+            "delivery",
+            topic = %first.topic,
+            partition = first.partition,
+            offset = first.offset,
+            records = job.len(),
+            trace_id = %open[0].span.trace_id(),
+        );
+        if self.run_inner(&mut open).instrument(log_span).await.is_err() {
+            for o in open {
+                o.span.end("abandoned", 0, Some("shutdown grace period over"));
+            }
+        }
+    }
+
+    async fn run_inner<'a>(&self, open: &mut Vec<Open<'a>>) -> Result<(), Stopped> {
         let mut backoff = Backoff::from_config(&self.retry);
         let mut attempt = 0u32;
         loop {
             // Work of a revoked partition belongs to its new owner now.
-            open.retain(|o| self.tracker.is_current(&tp(o.record), o.record.generation));
+            let (current, revoked): (Vec<_>, Vec<_>) = std::mem::take(open)
+                .into_iter()
+                .partition(|o| self.tracker.is_current(&tp(o.record), o.record.generation));
+            *open = current;
+            for o in revoked {
+                o.span.end("revoked", attempt, None);
+            }
             if open.is_empty() {
                 return Ok(());
             }
             attempt += 1;
-            let records: Vec<&Record> = open.iter().map(|o| o.record).collect();
+            let records: Vec<Outgoing<'_>> = open
+                .iter()
+                .map(|o| Outgoing {
+                    record: o.record,
+                    trace: &o.trace,
+                })
+                .collect();
             let started = std::time::Instant::now();
             let reply = tokio::select! {
                 r = self.app.send(&records, attempt) => r,
                 _ = self.hard_stop.cancelled() => return Err(Stopped),
             };
-            self.metrics
-                .observe_delivery(started.elapsed(), &reply.transport);
+            self.metrics.observe_delivery(started.elapsed(), &reply.transport);
             let verdicts: Vec<Verdict> = match &reply.per_record {
                 Some(statuses) => statuses
                     .iter()
@@ -92,12 +130,10 @@ impl Worker {
             let mut still_open = Vec::new();
             let mut wait: Option<Duration> = None;
             let mut outage = None;
-            for (mut o, verdict) in open.into_iter().zip(verdicts) {
+            for (mut o, verdict) in std::mem::take(open).into_iter().zip(verdicts) {
                 match (verdict, self.dlq.as_ref()) {
-                    (Verdict::Success, _) => self.finish(o.record, "delivered"),
-                    (Verdict::Poison(error), Some(dlq)) => {
-                        self.dead_letter(dlq, o.record, attempt, &error).await?
-                    }
+                    (Verdict::Success, _) => self.finish(o, attempt, "delivered", None),
+                    (Verdict::Poison(error), Some(dlq)) => self.dead_letter(dlq, o, attempt, &error).await?,
                     (Verdict::Retry(_, after), _) if o.failures + 1 < self.retry.max_attempts => {
                         o.failures += 1;
                         self.metrics.record_outcome(o.record, "retried");
@@ -110,7 +146,7 @@ impl Worker {
                             error.class,
                             format!("{} (gave up after {} attempts)", error.message, o.failures),
                         );
-                        self.dead_letter(dlq, o.record, attempt, &error).await?;
+                        self.dead_letter(dlq, o, attempt, &error).await?;
                     }
                     (Verdict::Poison(error) | Verdict::Retry(error, _), None) => {
                         // Nowhere safe to put it: keep trying slowly, blocking only its lane.
@@ -133,7 +169,7 @@ impl Worker {
                     }
                 }
             }
-            open = still_open;
+            *open = still_open;
             if open.is_empty() {
                 return Ok(());
             }
@@ -145,9 +181,7 @@ impl Worker {
                     }
                     delay
                 }
-                None => {
-                    wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff))
-                }
+                None => wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff)),
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -156,31 +190,33 @@ impl Worker {
         }
     }
 
-    fn finish(&self, record: &Record, outcome: &'static str) {
-        if self
-            .tracker
-            .finish(&tp(record), record.offset, record.generation)
-        {
+    fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
+        let record = o.record;
+        if self.tracker.finish(&tp(record), record.offset, record.generation) {
             self.metrics.record_finished(record, outcome);
         }
+        o.span.end(outcome, attempts, error);
     }
 
     async fn dead_letter(
         &self,
         dlq: &DeadLetters,
-        record: &Record,
+        o: Open<'_>,
         attempts: u32,
         error: &ErrorInfo,
     ) -> Result<(), Stopped> {
+        let record = o.record;
         tracing::warn!(
             topic = %record.topic, partition = record.partition, offset = record.offset,
             error_class = %error.class, error = %error.message, attempts,
             "dead-lettering record"
         );
-        dlq.send(record, attempts, error, &self.hard_stop)
-            .await
-            .map_err(|_| Stopped)?;
-        self.finish(record, "dead_lettered");
+        let sent = dlq.send(record, attempts, error, &o.trace, &self.hard_stop).await;
+        if sent.is_err() {
+            o.span.end("abandoned", attempts, Some("shutdown grace period over"));
+            return Err(Stopped);
+        }
+        self.finish(o, attempts, "dead_lettered", Some(&error.message));
         Ok(())
     }
 }

@@ -51,18 +51,12 @@ fn a_valid_config_passes_check_config_and_prints_it() {
 #[test]
 fn invalid_configs_exit_non_zero_with_a_message_naming_the_key() {
     let cases = [
-        (
-            format!("{VALID}\n[pipeline]\nwrokers = 3\n"),
-            "pipeline.wrokers",
-        ),
+        (format!("{VALID}\n[pipeline]\nwrokers = 3\n"), "pipeline.wrokers"),
         (
             format!("{VALID}\n[pipeline]\nworkers = \"three\"\n"),
             "pipeline.workers",
         ),
-        (
-            VALID.replace("brokers = \"127.0.0.1:9092\"", ""),
-            "kafka.brokers",
-        ),
+        (VALID.replace("brokers = \"127.0.0.1:9092\"", ""), "kafka.brokers"),
         (
             format!("{VALID}\n[app]\ntimeout = \"5 parsecs\"\n").replace("[app]\nurl", "[x]\nurl"),
             "app.timeout",
@@ -76,10 +70,7 @@ fn invalid_configs_exit_non_zero_with_a_message_naming_the_key() {
         for sub in ["check-config", "run"] {
             let (code, stderr) = check(toml, sub);
             assert_ne!(code, 0, "{sub} must fail for {key}");
-            assert!(
-                stderr.contains(key),
-                "{sub}: message must name {key}: {stderr}"
-            );
+            assert!(stderr.contains(key), "{sub}: message must name {key}: {stderr}");
         }
     }
 }

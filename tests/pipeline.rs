@@ -18,12 +18,7 @@ async fn produce_keyed_stream(topic: &str) -> Vec<Out> {
     records
 }
 
-async fn wait_committed_to_end(
-    group: &str,
-    topic: &str,
-    partitions: i32,
-    timeout: Duration,
-) -> (Vec<i64>, Vec<i64>) {
+async fn wait_committed_to_end(group: &str, topic: &str, partitions: i32, timeout: Duration) -> (Vec<i64>, Vec<i64>) {
     let ends = end_offsets(topic, partitions);
     let mut last = vec![];
     wait_until(timeout, || {
@@ -58,10 +53,7 @@ async fn ten_thousand_records_are_delivered_exactly_once_in_key_order() {
         app.delivered_count()
     );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
-    assert_eq!(
-        committed, ends,
-        "committed offsets must reach the end offsets"
-    );
+    assert_eq!(committed, ends, "committed offsets must reach the end offsets");
 
     let delivered = app.delivered();
     assert_each_offset_once(&delivered, 10_000);
@@ -76,10 +68,7 @@ async fn ten_thousand_records_are_delivered_exactly_once_in_key_order() {
         );
         let seq: i64 = seq.parse().unwrap();
         let prev = last_seq.insert(key.to_string(), seq);
-        assert!(
-            prev.is_none_or(|p| p < seq),
-            "key {key}: {seq} arrived after {prev:?}"
-        );
+        assert!(prev.is_none_or(|p| p < seq), "key {key}: {seq} arrived after {prev:?}");
     }
     assert_eq!(last_seq.len(), 50);
     drop(sidecar);
@@ -214,11 +203,7 @@ async fn poison_records_go_to_the_dlq_with_metadata_and_commits_pass_them() {
     assert!(delivered.iter().all(|r| r.value_str().starts_with("ok")));
 
     let dead = read_all(&dlq, 1);
-    assert_eq!(
-        dead.len(),
-        20,
-        "exactly the poison records are dead-lettered"
-    );
+    assert_eq!(dead.len(), 20, "exactly the poison records are dead-lettered");
     let mut sources = HashSet::new();
     for d in &dead {
         let value = String::from_utf8(d.value.clone().unwrap()).unwrap();
@@ -229,11 +214,7 @@ async fn poison_records_go_to_the_dlq_with_metadata_and_commits_pass_them() {
             Some(format!("k{}", i % 20).as_bytes()),
             "original key kept"
         );
-        assert_eq!(
-            d.headers["origin"],
-            format!("test-{i}"),
-            "original headers kept"
-        );
+        assert_eq!(d.headers["origin"], format!("test-{i}"), "original headers kept");
         assert_eq!(d.headers["x-dlq-source-topic"], topic);
         assert_eq!(d.headers["x-dlq-consumer-group"], cfg.group);
         assert_eq!(d.headers["x-dlq-error-class"], "http_422");
@@ -299,11 +280,7 @@ async fn an_app_outage_dead_letters_nothing_and_everything_arrives_after_it() {
     );
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
     assert_eq!(committed, ends);
-    assert_eq!(
-        end_offsets(&dlq, 1),
-        vec![0],
-        "an outage dead-letters nothing"
-    );
+    assert_eq!(end_offsets(&dlq, 1), vec![0], "an outage dead-letters nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,19 +307,10 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
         "stream did not start"
     );
     sidecar.kill9();
-    assert!(
-        app.delivered_count() < 3000,
-        "the kill must happen mid-stream"
-    );
+    assert!(app.delivered_count() < 3000, "the kill must happen mid-stream");
 
     let _restarted = Sidecar::start(&cfg);
-    let all = || {
-        app.delivered()
-            .iter()
-            .map(|r| r.id())
-            .collect::<HashSet<_>>()
-            .len()
-    };
+    let all = || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len();
     assert!(
         wait_until(2 * MINUTE, || all() >= 3000).await,
         "only {} distinct records delivered",
@@ -381,11 +349,7 @@ async fn sigterm_mid_stream_exits_zero_and_a_restart_delivers_nothing_twice() {
         .wait_exit(Duration::from_secs(15))
         .await
         .expect("exits within the grace period");
-    assert!(
-        status.success(),
-        "exit status {status:?}\n{}",
-        sidecar.log()
-    );
+    assert!(status.success(), "exit status {status:?}\n{}", sidecar.log());
     assert!(app.delivered_count() < 3000, "SIGTERM must come mid-stream");
 
     let _restarted = Sidecar::start(&cfg);
@@ -454,8 +418,30 @@ async fn batch_mode_delivers_in_partition_order_and_dead_letters_per_record_reje
     let dlq = unique("batch-dlq");
     create_topic(&topic, 3).await;
     create_topic(&dlq, 1).await;
-    produce(&topic, (0..3000).map(|i| Out::keyed(format!("k{}", i % 30), if i % 100 == 0 { format!("poison-{i}") } else { format!("v{i}") })).collect()).await;
-    let app = TestApp::start(|r| if r.value_str().starts_with("poison") { Answer::status(422) } else { Answer::ok() }).await;
+    produce(
+        &topic,
+        (0..3000)
+            .map(|i| {
+                Out::keyed(
+                    format!("k{}", i % 30),
+                    if i % 100 == 0 {
+                        format!("poison-{i}")
+                    } else {
+                        format!("v{i}")
+                    },
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let app = TestApp::start(|r| {
+        if r.value_str().starts_with("poison") {
+            Answer::status(422)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     cfg.ordering = "partition";
     cfg.dlq = Some(dlq.clone());
@@ -470,8 +456,17 @@ async fn batch_mode_delivers_in_partition_order_and_dead_letters_per_record_reje
     let mut last: HashMap<i32, i64> = HashMap::new();
     for r in &delivered {
         let prev = last.insert(r.partition, r.offset);
-        assert!(prev.is_none_or(|p| p < r.offset), "partition {}: offset {} after {prev:?}", r.partition, r.offset);
+        assert!(
+            prev.is_none_or(|p| p < r.offset),
+            "partition {}: offset {} after {prev:?}",
+            r.partition,
+            r.offset
+        );
     }
-    assert!(app.max_batch() > 1 && app.max_batch() <= 50, "batches of 2..=50 records, saw {}", app.max_batch());
+    assert!(
+        app.max_batch() > 1 && app.max_batch() <= 50,
+        "batches of 2..=50 records, saw {}",
+        app.max_batch()
+    );
     assert_eq!(read_all(&dlq, 1).len(), 30, "per-record 422s are dead-lettered");
 }

@@ -112,9 +112,7 @@ pub async fn produce(topic: &str, records: Vec<Out>) {
                     value: Some(v.as_bytes()),
                 });
             }
-            let mut rec = BaseRecord::to(&topic)
-                .payload(r.value.as_bytes())
-                .headers(headers);
+            let mut rec = BaseRecord::to(&topic).payload(r.value.as_bytes()).headers(headers);
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_bytes());
             }
@@ -210,8 +208,7 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
     {
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         c.assign(&tpl).expect("assign");
     }
@@ -297,10 +294,7 @@ impl Answer {
         }
     }
     pub fn status(status: u16) -> Self {
-        Self {
-            status,
-            ..Self::ok()
-        }
+        Self { status, ..Self::ok() }
     }
 }
 
@@ -364,10 +358,7 @@ impl TestApp {
         self.stop.cancel();
         let state = self.state.clone();
         for _ in 0..50 {
-            if tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -453,7 +444,10 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
 /// Batch mode: answers `{"results": [...]}` with the behavior's status for each record.
 async fn handle_batch(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     use base64::Engine;
-    let b64 = |v: &serde_json::Value| v.as_str().map(|s| base64::engine::general_purpose::STANDARD.decode(s).expect("base64"));
+    let b64 = |v: &serde_json::Value| {
+        v.as_str()
+            .map(|s| base64::engine::general_purpose::STANDARD.decode(s).expect("base64"))
+    };
     let envelope: serde_json::Value = serde_json::from_slice(&body).expect("batch body is JSON");
     let records = envelope["records"].as_array().expect("records array").clone();
     state.max_batch.fetch_max(records.len(), Ordering::SeqCst);
@@ -608,8 +602,7 @@ impl Sidecar {
 
     /// Resident memory of the process in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -1,0 +1,208 @@
+//! Traces: one OpenTelemetry span per record delivery, exported over OTLP.
+//!
+//! The W3C `traceparent`/`tracestate` in a record's headers is the parent of its delivery
+//! span; the delivery span's context goes to the app (HTTP headers) and into dead-lettered
+//! records. Export is off unless an endpoint is configured (`telemetry.otlp_endpoint` or the
+//! standard `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`). Spans are exported from a background
+//! batch with a bounded queue: a slow or absent collector drops spans, never blocks records.
+//! Without export, the context in a record is still passed on unchanged.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{global, Context, KeyValue};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use serde::{Deserialize, Serialize};
+
+use crate::record::Record;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP endpoint for traces. gRPC: "http://collector:4317"; HTTP: the full URL including
+    /// "/v1/traces". Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// if set, else tracing export is off.
+    pub otlp_endpoint: String,
+    /// "grpc", "http/protobuf" or "http/json". Empty: `OTEL_EXPORTER_OTLP_PROTOCOL`, else "http/protobuf".
+    pub protocol: String,
+    /// service.name of the spans. `OTEL_SERVICE_NAME` overrides it.
+    pub service_name: String,
+    /// Fraction of new traces sampled (records without a parent); records with a parent follow
+    /// its sampling decision. `OTEL_TRACES_SAMPLER` overrides it.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            protocol: String::new(),
+            service_name: "kafka-sidecar".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self, issues: &mut Vec<(String, String)>) {
+        let protocols = ["", "grpc", "http/protobuf", "http/json"];
+        if !protocols.contains(&self.protocol.as_str()) {
+            issues.push((
+                "telemetry.protocol".into(),
+                "must be \"grpc\", \"http/protobuf\" or \"http/json\"".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            issues.push(("telemetry.sample_ratio".into(), "must be between 0 and 1".into()));
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Installs the global tracer provider when an endpoint is configured. Call inside the runtime.
+pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider>> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if cfg.otlp_endpoint.is_empty() && from_env.is_none() {
+        return Ok(None);
+    }
+    let protocol = Some(cfg.protocol.clone())
+        .filter(|p| !p.is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "http/protobuf".into());
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let exporter = match protocol.as_str() {
+        "grpc" => {
+            let b = builder.with_tonic().with_timeout(Duration::from_secs(5));
+            if cfg.otlp_endpoint.is_empty() {
+                b
+            } else {
+                b.with_endpoint(&cfg.otlp_endpoint)
+            }
+            .build()
+        }
+        p => {
+            let proto = if p == "http/json" {
+                Protocol::HttpJson
+            } else {
+                Protocol::HttpBinary
+            };
+            let b = builder
+                .with_http()
+                .with_protocol(proto)
+                .with_timeout(Duration::from_secs(5));
+            if cfg.otlp_endpoint.is_empty() {
+                b
+            } else {
+                b.with_endpoint(&cfg.otlp_endpoint)
+            }
+            .build()
+        }
+    }
+    .map_err(|e| anyhow::anyhow!("failed to set up the OTLP exporter (telemetry.*): {e}"))?;
+
+    let mut resource = Resource::builder();
+    if env("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(cfg.service_name.clone());
+    }
+    let mut provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build());
+    if env("OTEL_TRACES_SAMPLER").is_none() {
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            cfg.sample_ratio,
+        ))));
+    }
+    let provider = provider.build();
+    global::set_tracer_provider(provider.clone());
+    tracing::info!(protocol, endpoint = %if cfg.otlp_endpoint.is_empty() { from_env.unwrap_or_default() } else { cfg.otlp_endpoint.clone() }, "exporting traces over OTLP");
+    Ok(Some(provider))
+}
+
+/// Flushes and stops the exporter (shutdown).
+pub fn shutdown(provider: Option<SdkTracerProvider>) {
+    if let Some(p) = provider {
+        if let Err(e) = p.shutdown_with_timeout(Duration::from_secs(3)) {
+            tracing::warn!(error = %e, "trace exporter did not shut down cleanly");
+        }
+    }
+}
+
+struct RecordHeaders<'a>(&'a Record);
+
+impl Extractor for RecordHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.header_str(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.headers.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// The delivery span of one record.
+pub struct DeliverySpan {
+    cx: Context,
+}
+
+impl DeliverySpan {
+    /// Starts the span, child of the record's `traceparent` when it has one.
+    pub fn start(record: &Record, group: &str) -> Self {
+        let parent = global::get_text_map_propagator(|p| p.extract(&RecordHeaders(record)));
+        let tracer = global::tracer("kafka-sidecar");
+        let span = tracer
+            .span_builder(format!("process {}", record.topic))
+            .with_kind(SpanKind::Consumer)
+            .with_attributes([
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.destination.name", record.topic.to_string()),
+                KeyValue::new("messaging.destination.partition.id", record.partition.to_string()),
+                KeyValue::new("messaging.kafka.offset", record.offset),
+                KeyValue::new("messaging.consumer.group.name", group.to_string()),
+            ])
+            .start_with_context(&tracer, &parent);
+        Self {
+            cx: parent.with_span(span),
+        }
+    }
+
+    /// `traceparent`/`tracestate` of this span, to pass downstream (empty when there is no trace).
+    pub fn headers(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        if self.cx.span().span_context().is_valid() {
+            global::get_text_map_propagator(|p| p.inject_context(&self.cx, &mut out));
+        }
+        out
+    }
+
+    /// The trace id, for log lines (empty when there is no trace).
+    pub fn trace_id(&self) -> String {
+        let sc = self.cx.span().span_context().clone();
+        if sc.is_valid() {
+            sc.trace_id().to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Ends the span with the record's outcome and the attempts it took.
+    pub fn end(self, outcome: &str, attempts: u32, error: Option<&str>) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("messaging.kafka.sidecar.attempts", i64::from(attempts)));
+        span.set_attribute(KeyValue::new("messaging.kafka.sidecar.outcome", outcome.to_string()));
+        if let Some(e) = error {
+            span.set_status(Status::error(e.to_string()));
+        }
+        span.end();
+    }
+}
