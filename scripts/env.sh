@@ -46,6 +46,7 @@ install_packages() {
   local want=() p
   command -v redis-server >/dev/null || want+=(redis-server)
   command -v kcat >/dev/null || want+=(kcat)
+  command -v promtool >/dev/null || want+=(prometheus) # promtool: metrics and alert-rule checks
   command -v "$JAVA" >/dev/null || want+=(openjdk-17-jdk-headless)
   command -v mvn >/dev/null || want+=(maven)
   for p in gcc make perl pkg-config libssl-dev zlib1g-dev; do

@@ -84,6 +84,9 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
                 "committed": p.committed,
                 "position": p.next,
                 "commit_position": p.position,
+                "high_watermark": p.high_watermark,
+                "lag": p.lag,
+                "lag_seconds": p.lag_seconds,
                 "unfinished": p.pending,
             })
         })

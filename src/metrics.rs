@@ -18,8 +18,9 @@ use crate::offsets::PartitionView;
 use crate::record::Record;
 use crate::retry::Transport;
 
-/// Content type of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode`]'s output: the classic Prometheus text format, which
+/// every scraper and `promtool check metrics` accept.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -153,13 +154,13 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics text exposition.
+    /// The Prometheus text exposition (format 0.0.4).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "failed to encode metrics");
         }
-        out
+        openmetrics_to_prometheus(&out)
     }
 
     pub fn record_outcome(&self, record: &Record, outcome: &str) {
@@ -225,5 +226,44 @@ impl Metrics {
         self.commits
             .get_or_create(&CommitLabels { result: result.into() })
             .inc();
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
+/// The classic text format names the family `x_total` and has no `# EOF`/`# UNIT` lines.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_the_classic_format() {
+        let m = Metrics::new();
+        m.commit(true);
+        let text = m.encode();
+        assert!(text.contains("# TYPE kafka_sidecar_commits_total counter"), "{text}");
+        assert!(text.contains("kafka_sidecar_commits_total{result=\"ok\"} 1"), "{text}");
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -97,20 +97,6 @@ impl ConsumerContext for SourceContext {
         }
         let assigned = consumer.assignment().map_or(0, |a| a.count());
         self.metrics.assigned_partitions.set(assigned as i64);
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.tracker.committed(&positions(offsets));
-                self.metrics.commit(true);
-            }
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.metrics.commit(false);
-                tracing::warn!(error = %e, "offset commit failed; it is retried on the next interval");
-            }
-        }
     }
 }
 
@@ -332,7 +318,7 @@ impl PollLoop {
         while !self.stop.is_cancelled() {
             self.apply_backpressure();
             if last_commit.elapsed() >= self.commit_interval {
-                self.commit_async();
+                self.commit();
                 last_commit = Instant::now();
             }
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
@@ -374,7 +360,7 @@ impl PollLoop {
             // pass it: the next owner (or the restarted sidecar) reads it again.
             let _ = self.consumer.poll(Duration::from_millis(100));
             if last_commit.elapsed() >= Duration::from_secs(1) {
-                self.commit_async();
+                self.commit();
                 last_commit = Instant::now();
             }
         }
@@ -418,15 +404,12 @@ impl PollLoop {
             .set(if pause { assignment.count() as i64 } else { 0 });
     }
 
-    fn commit_async(&self) {
+    /// Periodic commit. Synchronous: it runs on this dedicated thread, takes one round trip,
+    /// and its result updates the tracker directly (async commit results arrive, if at all,
+    /// through librdkafka's event queue).
+    fn commit(&self) {
         let positions = self.tracker.positions_to_commit();
-        if positions.is_empty() {
-            return;
-        }
-        if let Err(e) = self.consumer.commit(&to_tpl(&positions), CommitMode::Async) {
-            self.metrics.commit(false);
-            tracing::warn!(error = %e, "offset commit failed; it is retried on the next interval");
-        }
+        commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
     }
 }
 
@@ -443,7 +426,7 @@ fn commit_sync(
         Ok(()) => {
             tracker.committed(positions);
             metrics.commit(true);
-            tracing::info!(positions = %fmt_positions(positions), "committed offsets");
+            tracing::debug!(positions = %fmt_positions(positions), "committed offsets");
         }
         Err(e) => {
             metrics.commit(false);
@@ -479,16 +462,6 @@ fn to_tpl(positions: &[(TopicPartition, i64)]) -> TopicPartitionList {
         let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*pos));
     }
     tpl
-}
-
-fn positions(tpl: &TopicPartitionList) -> Vec<(TopicPartition, i64)> {
-    tpl.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) if e.error().is_ok() => Some((TopicPartition::new(e.topic(), e.partition()), o)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {

@@ -241,6 +241,42 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
     out
 }
 
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET a URL: (status, body); status 0 when the connection fails.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The value of one sample in Prometheus text, e.g. `metric(text, "x_total", &[("topic", "t")])`.
+/// Sums over label sets that match all the given labels; `None` when no sample matches.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        if labels.iter().all(|(k, v)| label_part.contains(&format!("{k}=\"{v}\""))) {
+            *found.get_or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -481,6 +517,8 @@ pub struct SidecarConfig {
     /// "single" or "batch".
     pub mode: &'static str,
     pub workers: usize,
+    /// Admin port (127.0.0.1); `None` disables the admin server.
+    pub admin_port: Option<u16>,
     pub extra: String,
 }
 
@@ -494,6 +532,7 @@ impl SidecarConfig {
             ordering: "key",
             mode: "single",
             workers: 8,
+            admin_port: None,
             extra: String::new(),
         }
     }
@@ -526,7 +565,8 @@ max_backoff = "1s"
 topic = "{dlq}"
 
 [admin]
-listen = ""
+listen = "{admin}"
+lag_interval = "300ms"
 
 [shutdown]
 grace_period = "15s"
@@ -539,6 +579,7 @@ grace_period = "15s"
             ordering = self.ordering,
             mode = self.mode,
             workers = self.workers,
+            admin = self.admin_port.map(|p| format!("127.0.0.1:{p}")).unwrap_or_default(),
             extra = self.extra,
         )
     }
@@ -560,6 +601,10 @@ impl Sidecar {
     }
 
     pub fn start_toml(toml: &str) -> Self {
+        Self::start_with_env(toml, &[])
+    }
+
+    pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, toml).unwrap();
@@ -568,6 +613,7 @@ impl Sidecar {
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
