@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breaker;
 use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
 use crate::scheduler::InFlight;
@@ -26,6 +27,7 @@ pub struct AdminState {
     pub tracker: Arc<OffsetTracker>,
     pub in_flight: Arc<InFlight>,
     pub source: Arc<SourceState>,
+    pub breaker: Arc<Breaker>,
     /// Fired when shutdown begins: readiness goes false.
     pub shutdown: CancellationToken,
 }
@@ -68,6 +70,8 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    s.metrics.ready.set(i64::from(s.ready()));
+    s.metrics.breaker_state.set(s.breaker.state().as_gauge());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
 }
 
@@ -94,6 +98,7 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
     Json(json!({
         "ready": s.ready(),
         "paused": s.source.paused.load(Ordering::Relaxed),
+        "breaker": s.breaker.state().as_str(),
         "shutting_down": s.shutdown.is_cancelled(),
         "in_flight": { "records": records, "bytes": bytes },
         "partitions": partitions,

@@ -10,11 +10,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::delivery::AppClient;
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
+use crate::ratelimit::RateLimiter;
 use crate::scheduler::{InFlight, Scheduler, Settings};
 use crate::source::{self, Limits, PollLoop, SourceState};
 use crate::worker::Worker;
@@ -30,12 +32,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let close = CancellationToken::new();
     let tracer = telemetry::init(&cfg.telemetry)?;
 
+    let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
     let worker = Arc::new(Worker {
         app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
         dlq: DeadLetters::from_config(&cfg)?,
         tracker: tracker.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
+        breaker: breaker.clone(),
+        limiter: RateLimiter::new(&cfg.rate_limit, cfg.pipeline.workers),
         group: cfg.kafka.group_id.clone(),
         hard_stop: hard_stop.clone(),
     });
@@ -50,12 +55,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             tracker: tracker.clone(),
             in_flight: in_flight.clone(),
             source: state.clone(),
+            breaker: breaker.clone(),
             shutdown: shutdown.clone(),
         };
         admin::serve(addr, admin_state, close.clone()).await?;
     }
 
     lag::spawn(&cfg, tracker.clone(), metrics.clone(), close.clone())?;
+
+    // Readiness gate: do not join the group before the app can take records.
+    if !cfg.app.health_url.is_empty() && !worker.app.wait_healthy(&cfg.app.health_url, &shutdown).await {
+        close.cancel();
+        telemetry::shutdown(tracer);
+        tracing::info!("shut down before the app became healthy");
+        return Ok(());
+    }
 
     let settings = Settings {
         ordering: cfg.pipeline.ordering,
@@ -74,6 +88,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         state: state.clone(),
         metrics: metrics.clone(),
         limits: Limits::from_config(&cfg),
+        breaker,
         commit_interval: cfg.kafka.commit_interval,
         stop: shutdown.clone(),
         close: close.clone(),

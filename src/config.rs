@@ -17,6 +17,8 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::breaker::BreakerConfig;
+pub use crate::ratelimit::RateLimitConfig;
 pub use crate::telemetry::TelemetryConfig;
 
 /// Prefix of environment variables that override config keys:
@@ -47,6 +49,10 @@ pub struct Config {
     pub log: LogConfig,
     /// OpenTelemetry traces.
     pub telemetry: TelemetryConfig,
+    /// Delivery rate limits and adaptive concurrency.
+    pub rate_limit: RateLimitConfig,
+    /// Circuit breaker on the app.
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +136,10 @@ pub struct AppConfig {
     /// Timeout for establishing a TCP connection to the app.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Readiness gate: when set, the sidecar joins the consumer group only after a GET here
+    /// answers 2xx (so it never consumes before the app can take records). Empty: no gate.
+    #[serde(deserialize_with = "lenient_string")]
+    pub health_url: String,
     /// Extra HTTP headers sent with every request (e.g. an auth token).
     #[serde(deserialize_with = "scalar_map")]
     pub headers: BTreeMap<String, String>,
@@ -142,6 +152,7 @@ impl Default for AppConfig {
             mode: DeliveryMode::Single,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            health_url: String::new(),
             headers: BTreeMap::new(),
         }
     }
@@ -403,6 +414,9 @@ impl Config {
             Ok(_) => bad("app.url", "must be an http:// or https:// URL"),
             Err(e) => bad("app.url", &format!("is not a valid URL: {e}")),
         }
+        if !self.app.health_url.is_empty() && reqwest::Url::parse(&self.app.health_url).is_err() {
+            bad("app.health_url", "is not a valid URL");
+        }
         if self.app.timeout.is_zero() {
             bad("app.timeout", "must be greater than 0");
         }
@@ -443,6 +457,16 @@ impl Config {
         }
         if self.shutdown.grace_period < Duration::from_secs(1) {
             bad("shutdown.grace_period", "must be at least 1s");
+        }
+        if self.admin.lag_interval < Duration::from_millis(100) {
+            bad("admin.lag_interval", "must be at least 100ms");
+        }
+        let mut more = Vec::new();
+        self.telemetry.validate(&mut more);
+        self.rate_limit.validate(&mut more);
+        self.breaker.validate(&mut more);
+        for (key, reason) in more {
+            bad(&key, &reason);
         }
         if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
@@ -545,25 +569,18 @@ fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
 
 /// Extracts each section on its own so that errors in several sections are all reported.
 fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<Config> {
-    const SECTIONS: &[&str] = &[
-        "kafka",
-        "app",
-        "pipeline",
-        "batch",
-        "retry",
-        "dlq",
-        "shutdown",
-        "admin",
-        "log",
-        "telemetry",
-    ];
+    // The sections are the top-level keys of the default config: no list to keep in sync.
+    let sections: Vec<String> = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
     match figment.data() {
         Ok(data) => {
             for dict in data.values() {
-                for key in dict.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+                for key in dict.keys().filter(|k| !sections.contains(k)) {
                     issues.push(ConfigIssue {
                         key: key.clone(),
-                        reason: format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
+                        reason: format!("unknown section (expected one of: {})", sections.join(", ")),
                     });
                 }
             }
@@ -585,6 +602,8 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
         admin: section(figment, "admin", issues),
         log: section(figment, "log", issues),
         telemetry: section(figment, "telemetry", issues),
+        rate_limit: section(figment, "rate_limit", issues),
+        breaker: section(figment, "breaker", issues),
     };
     (issues.len() == before).then_some(config)
 }

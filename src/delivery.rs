@@ -161,6 +161,30 @@ impl AppClient {
         }
     }
 
+    /// Readiness gate: polls `url` until it answers 2xx. False if `stop` fires first.
+    pub async fn wait_healthy(&self, url: &str, stop: &tokio_util::sync::CancellationToken) -> bool {
+        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        for n in 0u64.. {
+            let status = self.client.get(url).send().await.map(|r| r.status());
+            match status {
+                Ok(s) if s.is_success() => {
+                    tracing::info!(url, "app is healthy; joining the consumer group");
+                    return true;
+                }
+                other if n % 10 == 0 => {
+                    let why = other.map_or_else(|e| error_chain(&e), |s| format!("status {s}"));
+                    tracing::info!(url, answer = %why, "waiting for the app to be healthy before joining the consumer group");
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay().max(Duration::from_millis(100))) => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+        false
+    }
+
     fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
         let r = out.record;
         let mut h = HeaderMap::new();

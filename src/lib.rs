@@ -8,12 +8,14 @@
 
 pub mod admin;
 pub mod app;
+pub mod breaker;
 pub mod config;
 pub mod delivery;
 pub mod dlq;
 pub mod lag;
 pub mod metrics;
 pub mod offsets;
+pub mod ratelimit;
 pub mod record;
 pub mod retry;
 pub mod scheduler;

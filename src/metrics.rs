@@ -62,6 +62,10 @@ pub struct Metrics {
     pub lag_records: Family<PartitionLabels, Gauge>,
     pub lag_seconds: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
     pub committed_offset: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
+    pub rate_limit_wait_seconds: Counter<f64, AtomicU64>,
+    pub concurrency_limit: Gauge,
+    pub breaker_state: Gauge,
+    pub ready: Gauge,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -136,8 +140,32 @@ impl Metrics {
         );
         let committed_offset = Family::<PartitionLabels, Gauge<i64, AtomicI64>>::default();
         registry.register("committed_offset", "Last committed position", committed_offset.clone());
+        let rate_limit_wait_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time deliveries waited for the breaker, rate limit and concurrency gate",
+            rate_limit_wait_seconds.clone(),
+        );
+        let concurrency_limit = Gauge::default();
+        registry.register(
+            "concurrency_limit",
+            "Current adaptive limit of concurrent deliveries",
+            concurrency_limit.clone(),
+        );
+        let breaker_state = Gauge::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker on the app: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 when /readyz answers 200", ready.clone());
         Self {
             registry,
+            rate_limit_wait_seconds,
+            concurrency_limit,
+            breaker_state,
+            ready,
             records,
             delivery_seconds,
             end_to_end_seconds,

@@ -4,6 +4,8 @@
 //! - a configured non-retryable status (default 400, 413, 415, 422): poison, dead-letter now.
 //! - any other status, a timeout, a broken connection: retry with capped exponential backoff
 //!   and full jitter (honouring `Retry-After`), up to `max_attempts`, then dead-letter.
+//! - 429 and 503: the app pushes back. Retried (honouring `Retry-After`) without counting
+//!   attempts: an overloaded app must not push records into the DLQ.
 //! - the app cannot be reached at all (connection refused, DNS): an outage. Retried without
 //!   limit and never dead-lettered: an app restart must not empty a topic into the DLQ.
 
@@ -32,8 +34,11 @@ pub enum Verdict {
     Success,
     /// Never retry; dead-letter with this error.
     Poison(ErrorInfo),
-    /// Retry after the given delay (from `Retry-After`) or the backoff.
+    /// Retry after the given delay (from `Retry-After`) or the backoff; counts as an attempt.
     Retry(ErrorInfo, Option<Duration>),
+    /// The app pushes back (429, 503): retry after `Retry-After` or the backoff. Not the
+    /// record's fault, so not counted as an attempt and never dead-lettered.
+    Busy(ErrorInfo, Option<Duration>),
     /// The app is down: wait and retry, not counted as an attempt.
     Outage(ErrorInfo),
 }
@@ -63,6 +68,16 @@ pub fn classify(t: &Transport, non_retryable: &[u16]) -> Verdict {
             format!("http_{status}"),
             format!("app rejected the record with status {status}"),
         )),
+        Transport::Status {
+            status: status @ (429 | 503),
+            retry_after,
+        } => Verdict::Busy(
+            ErrorInfo::new(
+                format!("http_{status}"),
+                format!("app is busy or unavailable (status {status})"),
+            ),
+            *retry_after,
+        ),
         Transport::Status { status, retry_after } => Verdict::Retry(
             ErrorInfo::new(format!("http_{status}"), format!("app answered status {status}")),
             *retry_after,
@@ -145,7 +160,7 @@ mod tests {
 
     #[test]
     fn server_errors_other_client_errors_and_timeouts_are_retried() {
-        for s in [500, 502, 503, 404, 409, 429] {
+        for s in [500, 502, 504, 404, 409] {
             assert!(matches!(classify(&status(s), NON_RETRYABLE), Verdict::Retry(..)), "{s}");
         }
         assert!(matches!(
@@ -159,12 +174,14 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_passed_on() {
-        let t = Transport::Status {
-            status: 429,
-            retry_after: Some(Duration::from_secs(1)),
-        };
-        assert!(matches!(classify(&t, NON_RETRYABLE), Verdict::Retry(_, Some(d)) if d == Duration::from_secs(1)));
+    fn push_back_is_retried_without_counting_and_honours_retry_after() {
+        for status in [429, 503] {
+            let t = Transport::Status {
+                status,
+                retry_after: Some(Duration::from_secs(1)),
+            };
+            assert!(matches!(classify(&t, NON_RETRYABLE), Verdict::Busy(_, Some(d)) if d == Duration::from_secs(1)));
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
@@ -235,6 +236,8 @@ pub struct PollLoop {
     pub state: Arc<SourceState>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// While the breaker is open every partition stays paused.
+    pub breaker: Arc<Breaker>,
     pub commit_interval: Duration,
     /// Stop reading (shutdown began).
     pub stop: CancellationToken,
@@ -372,15 +375,15 @@ impl PollLoop {
         self.metrics.in_flight_bytes.set(bytes as i64);
         let l = &self.limits;
         let paused = self.state.paused.load(Ordering::Relaxed);
-        if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
+        let breaker_open = self.breaker.is_open();
+        if !paused && breaker_open {
+            tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
+            self.set_paused(true);
+        } else if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
             tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
             self.set_paused(true);
-        } else if paused && records <= l.resume_records && bytes <= l.resume_bytes {
-            tracing::debug!(
-                records,
-                bytes,
-                "in-flight below the resume threshold; resuming partitions"
-            );
+        } else if paused && !breaker_open && records <= l.resume_records && bytes <= l.resume_bytes {
+            tracing::debug!(records, bytes, "resuming partitions");
             self.set_paused(false);
         }
     }

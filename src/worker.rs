@@ -10,14 +10,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::breaker::{counts_as_failure, Admission, Breaker, BreakerState};
 use crate::config::RetryConfig;
 use crate::delivery::{AppClient, Outgoing};
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::ratelimit::{Permit, RateLimiter};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
 use crate::telemetry::DeliverySpan;
@@ -29,6 +33,10 @@ pub struct Worker {
     pub tracker: Arc<OffsetTracker>,
     pub retry: RetryConfig,
     pub metrics: Arc<Metrics>,
+    /// Circuit breaker on the app.
+    pub breaker: Arc<Breaker>,
+    /// Rate limits and adaptive concurrency.
+    pub limiter: RateLimiter,
     /// Consumer group, for span attributes.
     pub group: String,
     /// Fired when the shutdown grace period is over: abandon unfinished work (it is not committed).
@@ -104,12 +112,33 @@ impl Worker {
                     trace: &o.trace,
                 })
                 .collect();
-            let started = std::time::Instant::now();
+            // One key for the per-key rate limit; a batch of mixed keys is limited globally only.
+            let key = match open.as_slice() {
+                [only] => only.record.key.as_deref(),
+                _ => None,
+            };
+            let gate_started = Instant::now();
+            let (admission, permit) = tokio::select! {
+                g = self.admit(key, open.len() as u32) => g,
+                _ = self.hard_stop.cancelled() => return Err(Stopped),
+            };
+            self.metrics
+                .rate_limit_wait_seconds
+                .inc_by(gate_started.elapsed().as_secs_f64());
+            let started = Instant::now();
             let reply = tokio::select! {
                 r = self.app.send(&records, attempt) => r,
                 _ = self.hard_stop.cancelled() => return Err(Stopped),
             };
             self.metrics.observe_delivery(started.elapsed(), &reply.transport);
+            self.breaker.record(counts_as_failure(&reply.transport));
+            self.limiter.on_result(&reply.transport);
+            drop((admission, permit));
+            self.metrics.breaker_state.set(self.breaker.state().as_gauge());
+            self.metrics.concurrency_limit.set(self.limiter.current_limit() as i64);
+            // While the breaker is not closed the app is having an outage: failures then do not
+            // use up a record's attempts (nothing is dead-lettered because the app is down).
+            let counting = self.breaker.state() == BreakerState::Closed;
             let verdicts: Vec<Verdict> = match &reply.per_record {
                 Some(statuses) => statuses
                     .iter()
@@ -131,6 +160,10 @@ impl Worker {
             let mut wait: Option<Duration> = None;
             let mut outage = None;
             for (mut o, verdict) in std::mem::take(open).into_iter().zip(verdicts) {
+                let verdict = match verdict {
+                    Verdict::Retry(error, after) if !counting => Verdict::Busy(error, after),
+                    v => v,
+                };
                 match (verdict, self.dlq.as_ref()) {
                     (Verdict::Success, _) => self.finish(o, attempt, "delivered", None),
                     (Verdict::Poison(error), Some(dlq)) => self.dead_letter(dlq, o, attempt, &error).await?,
@@ -163,6 +196,11 @@ impl Worker {
                         wait = Some(self.retry.max_backoff);
                         still_open.push(o);
                     }
+                    (Verdict::Busy(_, after), _) => {
+                        self.metrics.record_outcome(o.record, "retried");
+                        wait = wait.max(after);
+                        still_open.push(o);
+                    }
                     (Verdict::Outage(error), _) => {
                         outage = Some(error);
                         still_open.push(o);
@@ -188,6 +226,13 @@ impl Worker {
                 _ = self.hard_stop.cancelled() => return Err(Stopped),
             }
         }
+    }
+
+    /// Waits until the breaker admits a request and the rate limiter grants a slot.
+    async fn admit(&self, key: Option<&[u8]>, n: u32) -> (Admission<'_>, Permit) {
+        let admission = self.breaker.wait_until_allowed().await;
+        let permit = self.limiter.acquire(key, n).await;
+        (admission, permit)
     }
 
     fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {

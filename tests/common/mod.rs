@@ -189,6 +189,20 @@ pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
         .collect()
 }
 
+/// Members of a consumer group (0 when the group does not exist).
+pub fn group_members(group: &str) -> usize {
+    let c = consumer("describer");
+    let list = c
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("describe group");
+    let n = list
+        .groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .map_or(0, |g| g.members().len());
+    n
+}
+
 /// A record read back from a topic (e.g. the DLQ).
 #[derive(Debug, Clone)]
 pub struct Read {
@@ -243,7 +257,11 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
 
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// GET a URL: (status, body); status 0 when the connection fails.
@@ -302,6 +320,8 @@ pub struct Request {
     pub value: Vec<u8>,
     pub headers: HeaderMap,
     pub status: u16,
+    /// When the app received it.
+    pub at: Instant,
 }
 
 impl Request {
@@ -369,7 +389,10 @@ impl TestApp {
             .expect("bind app");
         let port = listener.local_addr().unwrap().port();
         let stop = CancellationToken::new();
-        let app = Router::new().fallback(handle).with_state(state.clone());
+        let app = Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .fallback(handle)
+            .with_state(state.clone());
         let s = stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -461,6 +484,7 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         value: body.to_vec(),
         headers: headers.clone(),
         status: 0,
+        at: Instant::now(),
     };
     let answer = (state.behavior)(&req);
     if !answer.delay.is_zero() {
@@ -498,6 +522,7 @@ async fn handle_batch(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> 
             value: b64(&r["value"]).unwrap_or_default(),
             headers: headers.clone(),
             status: 0,
+            at: Instant::now(),
         };
         req.status = (state.behavior)(&req).status;
         results.push(serde_json::json!({ "status": req.status }));
