@@ -86,7 +86,7 @@ async fn push_back_run(adaptive: bool) -> (usize, TestApp, u16, Sidecar) {
     cfg.extra = format!("[rate_limit]\nadaptive = {adaptive}\n");
     let sidecar = Sidecar::start(&cfg);
     assert!(
-        wait_until(MINUTE, || app.requests().len() >= 1).await,
+        wait_until(MINUTE, || !app.requests().is_empty()).await,
         "delivery did not start"
     );
     tokio::time::sleep(Duration::from_secs(6)).await;
