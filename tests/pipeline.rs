@@ -470,3 +470,92 @@ async fn batch_mode_delivers_in_partition_order_and_dead_letters_per_record_reje
     );
     assert_eq!(read_all(&dlq, 1).len(), 30, "per-record 422s are dead-lettered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_headers_and_tombstones_reach_the_app_losslessly() {
+    use base64::Engine;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    require_kafka();
+    let topic = unique("wire");
+    create_topic(&topic, 1).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let key = [0u8, 159, 146, 150, 255];
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "bin",
+            value: Some(&[0u8, 1, 254][..]),
+        })
+        .insert(Header {
+            key: "dup",
+            value: Some("one"),
+        })
+        .insert(Header {
+            key: "dup",
+            value: Some("two"),
+        })
+        .insert(Header::<&[u8]> {
+            key: "nil",
+            value: None,
+        })
+        .insert(Header {
+            key: "ünï",
+            value: Some("çödé"),
+        });
+    let rec = FutureRecord::<[u8], [u8]>::to(&topic)
+        .key(&key[..])
+        .payload(&[1u8, 2, 0, 3][..])
+        .headers(headers);
+    producer.send(rec, Duration::from_secs(10)).await.unwrap();
+    let tombstone = FutureRecord::<str, [u8]>::to(&topic).key("gone");
+    producer.send(tombstone, Duration::from_secs(10)).await.unwrap();
+
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let cfg = SidecarConfig::new(&topic, &app);
+    let _sidecar = Sidecar::start(&cfg);
+    assert!(wait_until(MINUTE, || app.delivered_count() == 2).await);
+    let mut got = app.delivered();
+    got.sort_by_key(|r| r.offset);
+
+    let first = &got[0];
+    assert_eq!(
+        first.key.as_deref(),
+        Some(&key[..]),
+        "binary key round-trips through base64"
+    );
+    assert_eq!(first.value, vec![1u8, 2, 0, 3], "the body is the value byte for byte");
+    assert_eq!(first.headers["x-kafka-topic"], topic.as_str());
+    assert_eq!(first.headers["x-kafka-partition"], "0");
+    assert_eq!(first.headers["x-kafka-offset"], "0");
+    assert_eq!(first.headers["x-kafka-consumer-group"], cfg.group.as_str());
+    assert!(
+        first.headers["x-kafka-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            > 1_600_000_000_000
+    );
+    assert!(!first.headers.contains_key("x-kafka-value-null"));
+    let encoded: serde_json::Value = serde_json::from_str(first.headers["x-kafka-headers"].to_str().unwrap()).unwrap();
+    let b64 = |s: &str| serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(s));
+    assert_eq!(
+        encoded,
+        serde_json::json!([
+            {"name": "bin", "value": base64::engine::general_purpose::STANDARD.encode([0u8, 1, 254])},
+            {"name": "dup", "value": b64("one")},
+            {"name": "dup", "value": b64("two")},
+            {"name": "nil", "value": null},
+            {"name": "ünï", "value": b64("çödé")},
+        ]),
+        "headers keep order, duplicates, nulls and non-ASCII names"
+    );
+
+    let second = &got[1];
+    assert_eq!(second.headers["x-kafka-value-null"], "true", "a tombstone is flagged");
+    assert!(second.value.is_empty());
+    assert!(!second.headers.contains_key("x-kafka-headers"));
+}
