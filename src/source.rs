@@ -26,7 +26,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, BreakerState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
@@ -375,7 +375,13 @@ impl PollLoop {
         self.metrics.in_flight_bytes.set(bytes as i64);
         let l = &self.limits;
         let paused = self.state.paused.load(Ordering::Relaxed);
-        let breaker_open = self.breaker.is_open();
+        // Open: every partition stays paused. Half-open: stay paused while records already
+        // wait at the gate (one of them is the probe); resume only when none is left to probe with.
+        let breaker_open = match self.breaker.state() {
+            BreakerState::Open => true,
+            BreakerState::HalfOpen => records > 0,
+            BreakerState::Closed => false,
+        };
         if !paused && breaker_open {
             tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
             self.set_paused(true);

@@ -164,11 +164,12 @@ async fn a_503_outage_opens_the_breaker_pauses_consumption_and_dead_letters_noth
     })
     .await;
     assert!(opened, "the breaker must open");
-    assert_eq!(
-        futures::executor::block_on(status_json(port))["paused"],
-        true,
-        "consumption pauses"
-    );
+    // The poll thread notices the open breaker on its next loop turn (≤ 100 ms); allow slack.
+    let paused = wait_until(Duration::from_secs(5), || {
+        futures::executor::block_on(status_json(port))["paused"] == true
+    })
+    .await;
+    assert!(paused, "consumption pauses while the breaker is open");
     let lag = |text: &str| metric(text, "kafka_sidecar_consumer_lag_records", &[("topic", &topic)]).unwrap_or(0.0);
     let before = http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1;
     produce(
