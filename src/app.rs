@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::breaker::Breaker;
 use crate::config::Config;
+use crate::dedup::{Dedup, Gate};
 use crate::delivery::AppClient;
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
@@ -33,6 +34,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let tracer = telemetry::init(&cfg.telemetry)?;
 
     let breaker = Arc::new(Breaker::new(cfg.breaker.clone()));
+    let dedup = if cfg.dedup.enabled {
+        let store = Dedup::connect_lazy(&cfg.dedup, &cfg.kafka.group_id).await?;
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, store = store.target(), "dedup store not reachable yet; deliveries wait for it (dedup.on_error = \"pause\") or go out without dedup (\"deliver\")");
+        }
+        Some(Gate::new(store, cfg.dedup.on_error, metrics.clone()))
+    } else {
+        None
+    };
     let worker = Arc::new(Worker {
         app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
         dlq: DeadLetters::from_config(&cfg)?,
@@ -43,6 +53,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         limiter: RateLimiter::new(&cfg.rate_limit, cfg.pipeline.workers),
         group: cfg.kafka.group_id.clone(),
         hard_stop: hard_stop.clone(),
+        dedup,
+        key_source: cfg.dedup.key_source(),
     });
     // The in-flight bound keeps this channel from ever filling; the slack covers control messages.
     let (input_tx, input_rx) = mpsc::channel(cfg.pipeline.max_in_flight_records + 64);

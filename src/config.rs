@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use crate::breaker::BreakerConfig;
+pub use crate::dedup::DedupConfig;
 pub use crate::ratelimit::RateLimitConfig;
 pub use crate::telemetry::TelemetryConfig;
 
@@ -53,6 +54,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Circuit breaker on the app.
     pub breaker: BreakerConfig,
+    /// Deduplication by idempotency key (Redis, or in memory for one process).
+    pub dedup: DedupConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -465,8 +468,15 @@ impl Config {
         self.telemetry.validate(&mut more);
         self.rate_limit.validate(&mut more);
         self.breaker.validate(&mut more);
+        self.dedup.validate(&mut more);
         for (key, reason) in more {
             bad(&key, &reason);
+        }
+        if self.dedup.enabled && self.dedup.lease_ttl <= self.app.timeout {
+            bad(
+                "dedup.lease_ttl",
+                "must be longer than app.timeout, or a lease could expire while its record is being delivered",
+            );
         }
         if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
@@ -487,6 +497,7 @@ impl Config {
             }
         }
         c.app.url = redact_url(&c.app.url);
+        c.dedup = c.dedup.redacted();
         for (name, value) in c.app.headers.iter_mut() {
             let n = name.to_ascii_lowercase();
             if n.contains("auth") || n.contains("token") || n.contains("key") || n.contains("secret") {
@@ -604,6 +615,7 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
         telemetry: section(figment, "telemetry", issues),
         rate_limit: section(figment, "rate_limit", issues),
         breaker: section(figment, "breaker", issues),
+        dedup: section(figment, "dedup", issues),
     };
     (issues.len() == before).then_some(config)
 }

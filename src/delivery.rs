@@ -29,6 +29,7 @@ pub mod headers {
     pub const HEADERS: &str = "x-kafka-headers";
     pub const ATTEMPT: &str = "x-kafka-attempt";
     pub const GROUP: &str = "x-kafka-consumer-group";
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 }
 
 /// Record headers passed to the app as plain HTTP headers too (trace context).
@@ -39,6 +40,8 @@ pub struct Outgoing<'a> {
     pub record: &'a Record,
     /// `traceparent`/`tracestate` to send instead of the record's own (empty: use the record's).
     pub trace: &'a HashMap<String, String>,
+    /// The record's idempotency key (`dedup.key`), sent as `Idempotency-Key`.
+    pub idempotency_key: &'a str,
 }
 
 /// What one request produced: the transport outcome and, for a batch answered with a
@@ -81,6 +84,9 @@ pub struct JsonRecord {
     /// W3C trace context of this record's delivery span (or the record's own), if any.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub traceparent: Option<String>,
+    /// The record's idempotency key (`dedup.key`), as in the `Idempotency-Key` header of single mode.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// The batch request body.
@@ -198,6 +204,7 @@ impl AppClient {
         put(headers::OFFSET, r.offset.to_string());
         put(headers::ATTEMPT, attempt.to_string());
         put(headers::GROUP, self.group.clone());
+        put(headers::IDEMPOTENCY_KEY, out.idempotency_key.to_string());
         if let Some(ts) = r.timestamp_ms {
             put(headers::TIMESTAMP, ts.to_string());
         }
@@ -224,20 +231,27 @@ impl AppClient {
         let envelope = BatchEnvelope {
             records: records
                 .iter()
-                .map(|Outgoing { record: r, trace }| JsonRecord {
-                    topic: r.topic.to_string(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    timestamp: r.timestamp_ms,
-                    key: r.key.as_ref().map(|k| B64.encode(k)),
-                    value: r.value.as_ref().map(|v| B64.encode(v)),
-                    headers: json_headers(r),
-                    attempt,
-                    traceparent: trace
-                        .get("traceparent")
-                        .cloned()
-                        .or_else(|| r.header_str("traceparent").map(str::to_string)),
-                })
+                .map(
+                    |Outgoing {
+                         record: r,
+                         trace,
+                         idempotency_key,
+                     }| JsonRecord {
+                        topic: r.topic.to_string(),
+                        partition: r.partition,
+                        offset: r.offset,
+                        timestamp: r.timestamp_ms,
+                        key: r.key.as_ref().map(|k| B64.encode(k)),
+                        value: r.value.as_ref().map(|v| B64.encode(v)),
+                        headers: json_headers(r),
+                        attempt,
+                        traceparent: trace
+                            .get("traceparent")
+                            .cloned()
+                            .or_else(|| r.header_str("traceparent").map(str::to_string)),
+                        idempotency_key: Some(idempotency_key.to_string()),
+                    },
+                )
                 .collect(),
         };
         self.client

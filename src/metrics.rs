@@ -42,6 +42,12 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DedupLabels {
+    /// claim, done or release.
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommitLabels {
     /// ok or error.
     pub result: String,
@@ -66,6 +72,10 @@ pub struct Metrics {
     pub concurrency_limit: Gauge,
     pub breaker_state: Gauge,
     pub ready: Gauge,
+    pub dedup_seconds: Family<DedupLabels, Histogram>,
+    pub dedup_errors: Family<DedupLabels, Counter>,
+    pub dedup_bypassed: Counter,
+    pub dedup_key_fallbacks: Counter,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -81,7 +91,7 @@ impl Metrics {
         let records = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "records",
-            "Records by topic and outcome (consumed, delivered, retried, dead_lettered)",
+            "Records by topic and outcome (consumed, delivered, retried, dead_lettered, deduplicated)",
             records.clone(),
         );
         let delivery_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
@@ -160,7 +170,37 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when /readyz answers 200", ready.clone());
+        let dedup_seconds = Family::<DedupLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register(
+            "dedup_duration_seconds",
+            "Round trips to the dedup store (one per job), by operation",
+            dedup_seconds.clone(),
+        );
+        let dedup_errors = Family::<DedupLabels, Counter>::default();
+        registry.register(
+            "dedup_errors",
+            "Failed dedup store operations (Redis unavailable or timed out), by operation",
+            dedup_errors.clone(),
+        );
+        let dedup_bypassed = Counter::default();
+        registry.register(
+            "dedup_bypassed",
+            "Records delivered without dedup because Redis was unavailable (dedup.on_error = \"deliver\")",
+            dedup_bypassed.clone(),
+        );
+        let dedup_key_fallbacks = Counter::default();
+        registry.register(
+            "dedup_key_fallbacks",
+            "Records whose configured idempotency key source was missing, so the offset was used",
+            dedup_key_fallbacks.clone(),
+        );
         Self {
+            dedup_seconds,
+            dedup_errors,
+            dedup_bypassed,
+            dedup_key_fallbacks,
             registry,
             rate_limit_wait_seconds,
             concurrency_limit,

@@ -5,6 +5,11 @@
 //! finished, its partition was revoked, or shutdown's grace period ran out: a record is
 //! never dropped to make progress. With no DLQ configured, an exhausted record keeps being
 //! retried at the maximum backoff and blocks its lane.
+//!
+//! With dedup on, every attempt first claims the records' idempotency keys (one round trip
+//! for the job; a retry refreshes the lease): a done key finishes its record as
+//! `deduplicated`, a key held elsewhere makes its record wait, and the keys of delivered or
+//! dead-lettered records are marked done before their offsets can be committed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use tracing::Instrument;
 
 use crate::breaker::{counts_as_failure, Admission, Breaker, BreakerState};
 use crate::config::RetryConfig;
+use crate::dedup::{derive_key, Decision, Gate, KeySource, OnError};
 use crate::delivery::{AppClient, Outgoing};
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
@@ -41,6 +47,10 @@ pub struct Worker {
     pub group: String,
     /// Fired when the shutdown grace period is over: abandon unfinished work (it is not committed).
     pub hard_stop: CancellationToken,
+    /// Dedup by idempotency key; `None` when `dedup.enabled` is off.
+    pub dedup: Option<Gate>,
+    /// Where idempotency keys come from (`dedup.key`); sent to the app even with dedup off.
+    pub key_source: KeySource,
 }
 
 /// A record still being worked on, with the failed attempts it has used.
@@ -51,6 +61,17 @@ struct Open<'a> {
     span: DeliverySpan,
     /// `traceparent`/`tracestate` of the delivery span, passed to the app and the DLQ.
     trace: HashMap<String, String>,
+    /// Idempotency key, sent as `Idempotency-Key` and claimed when dedup is on.
+    key: String,
+    /// Whether this attempt delivers it (false: it waits for its idempotency key).
+    ready: bool,
+}
+
+/// A record done with delivery (delivered or dead-lettered), to finish after its key is marked done.
+struct Settled<'a> {
+    open: Open<'a>,
+    outcome: &'static str,
+    error: Option<String>,
 }
 
 /// The job stopped early: shutdown's hard stop.
@@ -63,12 +84,18 @@ impl Worker {
             .iter()
             .map(|record| {
                 let span = DeliverySpan::start(record, &self.group);
+                let key = derive_key(&self.key_source, record);
+                if key.fallback && self.dedup.is_some() {
+                    self.metrics.dedup_key_fallbacks.inc();
+                }
                 Open {
                     record,
                     failures: 0,
                     exhausted_logged: false,
                     trace: span.headers(),
                     span,
+                    key: key.key,
+                    ready: true,
                 }
             })
             .collect();
@@ -91,6 +118,10 @@ impl Worker {
 
     async fn run_inner<'a>(&self, open: &mut Vec<Open<'a>>) -> Result<(), Stopped> {
         let mut backoff = Backoff::from_config(&self.retry);
+        // Waiting for a key held elsewhere, or for the dedup store to answer.
+        let mut key_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut store_backoff = Backoff::from_config(&self.retry);
+        let mut store_failures = 0u32;
         let mut attempt = 0u32;
         loop {
             // Work of a revoked partition belongs to its new owner now.
@@ -98,29 +129,78 @@ impl Worker {
                 .into_iter()
                 .partition(|o| self.tracker.is_current(&tp(o.record), o.record.generation));
             *open = current;
+            if let Some(gate) = &self.dedup {
+                gate.release(&keys(&revoked)).await;
+            }
             for o in revoked {
                 o.span.end("revoked", attempt, None);
+            }
+            if let Some(gate) = &self.dedup {
+                match gate.claim(&keys(open)).await {
+                    Ok(decisions) => {
+                        store_failures = 0;
+                        store_backoff.reset();
+                        let mut kept = Vec::with_capacity(open.len());
+                        for (mut o, decision) in std::mem::take(open).into_iter().zip(decisions) {
+                            match decision {
+                                Decision::Duplicate => self.finish(o, attempt, "deduplicated", None),
+                                d => {
+                                    o.ready = d == Decision::Deliver;
+                                    kept.push(o);
+                                }
+                            }
+                        }
+                        *open = kept;
+                    }
+                    Err(e) if gate.on_error() == OnError::Deliver => {
+                        tracing::warn!(error = %e, records = open.len(), "dedup store unavailable; delivering without dedup (dedup.on_error = \"deliver\")");
+                        self.metrics.dedup_bypassed.inc_by(open.len() as u64);
+                        open.iter_mut().for_each(|o| o.ready = true);
+                    }
+                    Err(e) => {
+                        store_failures += 1;
+                        if store_failures == 1 || store_failures % 20 == 0 {
+                            tracing::warn!(error = %e, store = gate.target(), failures = store_failures, "dedup store unavailable; holding records until it answers (dedup.on_error = \"pause\")");
+                        }
+                        open.iter_mut().for_each(|o| o.ready = false);
+                    }
+                }
             }
             if open.is_empty() {
                 return Ok(());
             }
+            let (mut sending, waiting): (Vec<_>, Vec<_>) = std::mem::take(open).into_iter().partition(|o| o.ready);
+            *open = waiting;
+            if sending.is_empty() {
+                let delay = if store_failures > 0 {
+                    store_backoff.next_delay().max(Duration::from_millis(50))
+                } else {
+                    key_backoff.next_delay()
+                };
+                self.sleep(delay).await?;
+                continue;
+            }
             attempt += 1;
-            let records: Vec<Outgoing<'_>> = open
+            let records: Vec<Outgoing<'_>> = sending
                 .iter()
                 .map(|o| Outgoing {
                     record: o.record,
                     trace: &o.trace,
+                    idempotency_key: &o.key,
                 })
                 .collect();
             // One key for the per-key rate limit; a batch of mixed keys is limited globally only.
-            let key = match open.as_slice() {
+            let key = match sending.as_slice() {
                 [only] => only.record.key.as_deref(),
                 _ => None,
             };
             let gate_started = Instant::now();
             let (admission, permit) = tokio::select! {
-                g = self.admit(key, open.len() as u32) => g,
-                _ = self.hard_stop.cancelled() => return Err(Stopped),
+                g = self.admit(key, sending.len() as u32) => g,
+                _ = self.hard_stop.cancelled() => {
+                    open.append(&mut sending);
+                    return Err(Stopped);
+                }
             };
             self.metrics
                 .rate_limit_wait_seconds
@@ -128,8 +208,13 @@ impl Worker {
             let started = Instant::now();
             let reply = tokio::select! {
                 r = self.app.send(&records, attempt) => r,
-                _ = self.hard_stop.cancelled() => return Err(Stopped),
+                _ = self.hard_stop.cancelled() => {
+                    drop(records);
+                    open.append(&mut sending);
+                    return Err(Stopped);
+                }
             };
+            drop(records);
             self.metrics.observe_delivery(started.elapsed(), &reply.transport);
             self.breaker.record(counts_as_failure(&reply.transport));
             self.limiter.on_result(&reply.transport);
@@ -153,20 +238,27 @@ impl Worker {
                     })
                     .collect(),
                 None => {
-                    vec![classify(&reply.transport, &self.retry.non_retryable_statuses); open.len()]
+                    vec![classify(&reply.transport, &self.retry.non_retryable_statuses); sending.len()]
                 }
             };
             let mut still_open = Vec::new();
+            let mut settled = Vec::new();
             let mut wait: Option<Duration> = None;
             let mut outage = None;
-            for (mut o, verdict) in std::mem::take(open).into_iter().zip(verdicts) {
+            for (mut o, verdict) in sending.into_iter().zip(verdicts) {
                 let verdict = match verdict {
                     Verdict::Retry(error, after) if !counting => Verdict::Busy(error, after),
                     v => v,
                 };
                 match (verdict, self.dlq.as_ref()) {
-                    (Verdict::Success, _) => self.finish(o, attempt, "delivered", None),
-                    (Verdict::Poison(error), Some(dlq)) => self.dead_letter(dlq, o, attempt, &error).await?,
+                    (Verdict::Success, _) => settled.push(Settled {
+                        open: o,
+                        outcome: "delivered",
+                        error: None,
+                    }),
+                    (Verdict::Poison(error), Some(dlq)) => {
+                        settled.push(self.dead_letter(dlq, o, attempt, &error).await?)
+                    }
                     (Verdict::Retry(_, after), _) if o.failures + 1 < self.retry.max_attempts => {
                         o.failures += 1;
                         self.metrics.record_outcome(o.record, "retried");
@@ -179,7 +271,7 @@ impl Worker {
                             error.class,
                             format!("{} (gave up after {} attempts)", error.message, o.failures),
                         );
-                        self.dead_letter(dlq, o, attempt, &error).await?;
+                        settled.push(self.dead_letter(dlq, o, attempt, &error).await?);
                     }
                     (Verdict::Poison(error) | Verdict::Retry(error, _), None) => {
                         // Nowhere safe to put it: keep trying slowly, blocking only its lane.
@@ -207,7 +299,8 @@ impl Worker {
                     }
                 }
             }
-            *open = still_open;
+            open.append(&mut still_open);
+            self.settle(settled, attempt).await?;
             if open.is_empty() {
                 return Ok(());
             }
@@ -221,11 +314,59 @@ impl Worker {
                 }
                 None => wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff)),
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.hard_stop.cancelled() => return Err(Stopped),
+            self.sleep(delay).await?;
+        }
+    }
+
+    async fn sleep(&self, delay: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = self.hard_stop.cancelled() => Err(Stopped),
+        }
+    }
+
+    /// Marks the keys of delivered and dead-lettered records done (one round trip), then
+    /// finishes the records, so that no offset is committed before its key is done. With
+    /// `dedup.on_error = "pause"` a failing store is retried until it answers.
+    async fn settle(&self, settled: Vec<Settled<'_>>, attempts: u32) -> Result<(), Stopped> {
+        if let (Some(gate), false) = (&self.dedup, settled.is_empty()) {
+            let items: Vec<(&Record, &str)> = settled.iter().map(|s| (s.open.record, s.open.key.as_str())).collect();
+            let mut backoff = Backoff::from_config(&self.retry);
+            let mut failures = 0u32;
+            loop {
+                match gate.done(&items).await {
+                    Ok(()) => break,
+                    Err(e) if gate.on_error() == OnError::Deliver => {
+                        tracing::warn!(error = %e, records = items.len(), "could not mark records done in the dedup store; a redelivery of them would not be caught");
+                        gate.forget(&items);
+                        break;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures % 20 == 0 {
+                            tracing::warn!(error = %e, store = gate.target(), failures, "dedup store unavailable; records delivered but not yet marked done wait for it (their offsets are not committed)");
+                        }
+                        if self
+                            .sleep(backoff.next_delay().max(Duration::from_millis(50)))
+                            .await
+                            .is_err()
+                        {
+                            drop(items);
+                            for s in settled {
+                                s.open
+                                    .span
+                                    .end("abandoned", attempts, Some("shutdown grace period over"));
+                            }
+                            return Err(Stopped);
+                        }
+                    }
+                }
             }
         }
+        for s in settled {
+            self.finish(s.open, attempts, s.outcome, s.error.as_deref());
+        }
+        Ok(())
     }
 
     /// Waits until the breaker admits a request and the rate limiter grants a slot.
@@ -243,13 +384,13 @@ impl Worker {
         o.span.end(outcome, attempts, error);
     }
 
-    async fn dead_letter(
+    async fn dead_letter<'a>(
         &self,
         dlq: &DeadLetters,
-        o: Open<'_>,
+        o: Open<'a>,
         attempts: u32,
         error: &ErrorInfo,
-    ) -> Result<(), Stopped> {
+    ) -> Result<Settled<'a>, Stopped> {
         let record = o.record;
         tracing::warn!(
             topic = %record.topic, partition = record.partition, offset = record.offset,
@@ -261,9 +402,17 @@ impl Worker {
             o.span.end("abandoned", attempts, Some("shutdown grace period over"));
             return Err(Stopped);
         }
-        self.finish(o, attempts, "dead_lettered", Some(&error.message));
-        Ok(())
+        Ok(Settled {
+            open: o,
+            outcome: "dead_lettered",
+            error: Some(error.message.clone()),
+        })
     }
+}
+
+/// `(record, idempotency key)` of each record, for the dedup gate.
+fn keys<'o>(open: &'o [Open<'_>]) -> Vec<(&'o Record, &'o str)> {
+    open.iter().map(|o| (o.record, o.key.as_str())).collect()
 }
 
 fn tp(r: &Record) -> TopicPartition {
