@@ -129,12 +129,23 @@ impl Gate {
 
     /// Releases the keys (the records will be delivered by someone else, or again later) and
     /// forgets them. Best effort: a lease that cannot be released expires after `lease_ttl`.
+    /// Only keys these records hold are released: a key another record of this process
+    /// holds keeps its lease (the store cannot tell the two apart).
     pub async fn release(&self, items: &[(&Record, &str)]) {
-        if items.is_empty() {
+        let keys: Vec<String> = {
+            let mut held = self.lock();
+            let mut keys = Vec::new();
+            for (record, key) in items {
+                if held.get(*key).is_some_and(|holder| *holder == id(record)) {
+                    held.remove(*key);
+                    keys.push(key.to_string());
+                }
+            }
+            keys
+        };
+        if keys.is_empty() {
             return;
         }
-        self.forget(items);
-        let keys: Vec<String> = items.iter().map(|(_, k)| k.to_string()).collect();
         if let Err(e) = self.timed("release", self.store.release(&keys)).await {
             tracing::warn!(error = %e, keys = keys.len(), "could not release dedup leases; they expire after dedup.lease_ttl");
         }
@@ -215,6 +226,12 @@ mod tests {
         assert_eq!(
             g.claim(&[(&a, "k"), (&b, "k"), (&c, "j")]).await.unwrap(),
             [Decision::Deliver, Decision::Wait, Decision::Deliver]
+        );
+        g.release(&[(&b, "k")]).await;
+        assert_eq!(
+            g.claim(&[(&c, "k")]).await.unwrap(),
+            [Decision::Wait],
+            "b never held k: releasing it leaves a's lease alone"
         );
         g.release(&[(&a, "k")]).await;
         assert_eq!(g.claim(&[(&b, "k")]).await.unwrap(), [Decision::Deliver]);
