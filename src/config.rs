@@ -737,6 +737,31 @@ mod tests {
     }
 
     #[test]
+    fn dedup_on_with_every_other_value_default_is_valid_and_its_redis_password_is_redacted() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_DEDUP__ENABLED", "true"),
+                ("KAFKA_SIDECAR_DEDUP__REDIS_URL", "redis://:hunter2@redis:6379/0"),
+            ],
+        )
+        .unwrap();
+        assert!(c.dedup.enabled);
+        let shown = c.redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let e = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_DEDUP__ENABLED", "true"),
+                ("KAFKA_SIDECAR_DEDUP__LEASE_TTL", "5s"),
+                ("KAFKA_SIDECAR_APP__TIMEOUT", "10s"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), ["dedup.lease_ttl"]);
+    }
+
+    #[test]
     fn env_overrides_file_and_sets_librdkafka_properties() {
         let c = load(
             MINIMAL,

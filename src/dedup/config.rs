@@ -78,7 +78,7 @@ impl Default for DedupConfig {
             cluster_urls: Vec::new(),
             tls_ca_file: String::new(),
             key: "offset".into(),
-            lease_ttl: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(60),
             done_ttl: Duration::from_secs(24 * 60 * 60),
             on_error: OnError::Pause,
             timeout: Duration::from_secs(2),
@@ -229,7 +229,7 @@ mod tests {
         assert!(!d.enabled);
         assert_eq!(d.key, "offset");
         assert_eq!(d.key_source(), KeySource::Offset);
-        assert_eq!(d.lease_ttl, Duration::from_secs(30));
+        assert_eq!(d.lease_ttl, Duration::from_secs(60));
         assert_eq!(d.done_ttl, Duration::from_secs(86_400));
         assert_eq!(d.on_error, OnError::Pause);
         assert_eq!(d.memory_max_entries, 100_000);
