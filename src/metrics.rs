@@ -72,6 +72,7 @@ pub struct Metrics {
     pub concurrency_limit: Gauge,
     pub breaker_state: Gauge,
     pub ready: Gauge,
+    pub batch_size: Histogram,
     pub dedup_seconds: Family<DedupLabels, Histogram>,
     pub dedup_errors: Family<DedupLabels, Counter>,
     pub dedup_bypassed: Counter,
@@ -170,6 +171,12 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when /readyz answers 200", ready.clone());
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "batch_size_records",
+            "Records per request to the app (1 in single mode)",
+            batch_size.clone(),
+        );
         let dedup_seconds = Family::<DedupLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 16))
         });
@@ -197,6 +204,7 @@ impl Metrics {
             dedup_key_fallbacks.clone(),
         );
         Self {
+            batch_size,
             dedup_seconds,
             dedup_errors,
             dedup_bypassed,

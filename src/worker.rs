@@ -205,6 +205,7 @@ impl Worker {
             self.metrics
                 .rate_limit_wait_seconds
                 .inc_by(gate_started.elapsed().as_secs_f64());
+            self.metrics.batch_size.observe(sending.len() as f64);
             let started = Instant::now();
             let reply = tokio::select! {
                 r = self.app.send(&records, attempt) => r,
