@@ -653,7 +653,7 @@ fn push_figment_errors(error: figment::Error, section: &str, issues: &mut Vec<Co
 }
 
 /// Accepts `["a", "b"]` or `"a,b"`.
-fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+pub(crate) fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -692,7 +692,7 @@ impl From<Scalar> for String {
 }
 
 /// A string field that also accepts a number or boolean (env values like `GROUP_ID=1234`).
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Scalar::deserialize(d).map(String::from)
 }
 

@@ -24,31 +24,6 @@ fn require_redis(url: &str) {
     }
 }
 
-/// Every request's `(partition, offset)` appears once.
-fn assert_each_offset_once(delivered: &[Request], expected: usize) {
-    let mut seen = HashMap::new();
-    for r in delivered {
-        *seen.entry(r.id()).or_insert(0) += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(id, n)| (*id, *n)).collect();
-    assert!(
-        twice.is_empty(),
-        "delivered more than once (partition, offset, times): {twice:?}"
-    );
-    assert_eq!(seen.len(), expected, "not every record was delivered");
-}
-
-async fn wait_committed_to_end(group: &str, topic: &str, partitions: i32) {
-    let ends = end_offsets(topic, partitions);
-    let mut last = vec![];
-    let done = wait_until(MINUTE, || {
-        last = committed(group, topic, partitions);
-        last == ends
-    })
-    .await;
-    assert!(done, "committed {last:?} never reached the end offsets {ends:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_sharing_an_idempotency_key_header_reach_the_app_once_per_key() {
     require_kafka();
@@ -79,7 +54,7 @@ async fn records_sharing_an_idempotency_key_header_reach_the_app_once_per_key() 
     cfg.extra = dedup_section(SHARED_REDIS, "header:idempotency-key");
     let sidecar = Sidecar::start(&cfg);
 
-    wait_committed_to_end(&cfg.group, &topic, 3).await;
+    assert_committed_to_end(&cfg.group, &topic, 3).await;
     let metrics = http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1;
     let outcome = |o: &str| {
         metric(
@@ -172,7 +147,7 @@ async fn a_member_joining_and_one_leaving_mid_stream_lose_nothing_and_offset_ded
         "only {} distinct records delivered",
         app.delivered().iter().map(Request::id).collect::<HashSet<_>>().len()
     );
-    wait_committed_to_end(&cfg.group, &topic, 6).await;
+    assert_committed_to_end(&cfg.group, &topic, 6).await;
     let revoked_logs = [&a, &c].iter().map(|s| s.log()).collect::<String>() + &b.log();
     assert!(
         revoked_logs.contains("revoke drain timed out"),
@@ -290,7 +265,7 @@ async fn a_redis_restart_mid_stream_with_on_error_pause_loses_nothing_and_duplic
         app.delivered_count(),
         sidecar.log()
     );
-    wait_committed_to_end(&cfg.group, &topic, 3).await;
+    assert_committed_to_end(&cfg.group, &topic, 3).await;
     assert_each_offset_once(&app.delivered(), 2000);
     assert!(
         sidecar.log().contains("dedup store unavailable"),

@@ -18,25 +18,6 @@ async fn produce_keyed_stream(topic: &str) -> Vec<Out> {
     records
 }
 
-async fn wait_committed_to_end(group: &str, topic: &str, partitions: i32, timeout: Duration) -> (Vec<i64>, Vec<i64>) {
-    let ends = end_offsets(topic, partitions);
-    let mut last = vec![];
-    wait_until(timeout, || {
-        last = committed(group, topic, partitions);
-        last == ends
-    })
-    .await;
-    (last, ends)
-}
-
-fn assert_each_offset_once(delivered: &[Request], expected: usize) {
-    let mut seen = HashSet::new();
-    for r in delivered {
-        assert!(seen.insert(r.id()), "record {:?} delivered twice", r.id());
-    }
-    assert_eq!(seen.len(), expected, "not every record was delivered");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_records_are_delivered_exactly_once_in_key_order() {
     require_kafka();

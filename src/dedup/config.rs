@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use super::KeySource;
-use crate::config::redact_url;
+use crate::config::{lenient_string, redact_url, string_or_list};
 
 /// Config section name, used in validation messages.
 const SECTION: &str = "dedup";
@@ -167,49 +167,6 @@ impl DedupConfig {
 
 fn is_redis_url(url: &str) -> bool {
     (url.starts_with("redis://") || url.starts_with("rediss://")) && url.into_connection_info().is_ok()
-}
-
-/// A string field that also accepts a number or boolean (env values like `PREFIX=1234`).
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(Scalar::deserialize(d)?.into())
-}
-
-/// Accepts `["a", "b"]` or `"a,b"` (handy in environment variables).
-fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        Many(Vec<String>),
-        One(Scalar),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::Many(list) => list,
-        OneOrMany::One(one) => String::from(one)
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-    })
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(String),
-}
-
-impl From<Scalar> for String {
-    fn from(v: Scalar) -> String {
-        match v {
-            Scalar::Bool(b) => b.to_string(),
-            Scalar::Int(i) => i.to_string(),
-            Scalar::Float(f) => f.to_string(),
-            Scalar::Str(s) => s,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -700,3 +700,40 @@ impl Drop for Sidecar {
         }
     }
 }
+
+/// Waits until the group's committed offsets equal the end offsets; returns both (committed last seen).
+pub async fn wait_committed_to_end(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> (Vec<i64>, Vec<i64>) {
+    let ends = end_offsets(topic, partitions);
+    let mut last = vec![];
+    wait_until(timeout, || {
+        last = committed(group, topic, partitions);
+        last == ends
+    })
+    .await;
+    (last, ends)
+}
+
+/// Fails unless the group's committed offsets reach the end offsets within a minute.
+pub async fn assert_committed_to_end(group: &str, topic: &str, partitions: i32) {
+    let (committed, ends) = wait_committed_to_end(group, topic, partitions, Duration::from_secs(60)).await;
+    assert_eq!(committed, ends, "committed offsets never reached the end offsets");
+}
+
+/// Fails unless every `(partition, offset)` was delivered, each exactly once.
+pub fn assert_each_offset_once(delivered: &[Request], expected: usize) {
+    let mut seen: HashMap<(i32, i64), usize> = HashMap::new();
+    for r in delivered {
+        *seen.entry(r.id()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "delivered more than once ((partition, offset), times): {twice:?}"
+    );
+    assert_eq!(seen.len(), expected, "not every record was delivered");
+}
