@@ -4,8 +4,11 @@
 //! user work, so the group never times out while the app is slow. It owns the consumer:
 //! commits, pause/resume and rebalance callbacks all happen on it, which serialises them.
 //!
-//! - Backpressure: above the in-flight limit every assigned partition is paused; below the
-//!   resume threshold they resume. Records are never buffered past the limit or dropped.
+//! - Backpressure (see [`backpressure`]): at the in-flight limit the thread stops taking
+//!   records and lets librdkafka keep its bounded prefetch; only when the pipeline stays too
+//!   slow to read that prefetch soon (or the breaker opens) is every assigned partition
+//!   paused, until in-flight falls below the resume threshold. Records are never buffered
+//!   past the limit or dropped.
 //! - Revoke: wait (up to `revoke_drain_timeout`) until the revoked partitions' records are
 //!   finished, commit their watermark synchronously, then let the unassign happen. A lost
 //!   assignment is not committed (another member owns it already).
@@ -33,6 +36,14 @@ use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
 use crate::scheduler::{InFlight, Input};
+
+mod backpressure;
+
+pub use backpressure::Limits;
+use backpressure::{Flow, Pressure};
+
+/// Sleep between checks while holding at the in-flight limit.
+const HOLD_TICK: Duration = Duration::from_millis(1);
 
 /// State shared between the poll thread, its callbacks and the admin server.
 #[derive(Debug, Default)]
@@ -154,10 +165,10 @@ pub fn create_consumer(
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("partition.assignment.strategy", &k.assignment_strategy)
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
-        // Prefetch is memory too: keep librdkafka's queue small, and refill it quickly.
-        .set("queued.max.messages.kbytes", "16384")
+        // Prefetch is memory too: cap librdkafka's queue relative to the in-flight bound (it
+        // also caps fetch.max.bytes unless that is set), and refill it quickly.
+        .set("queued.max.messages.kbytes", prefetch_kbytes(cfg).to_string())
         .set("fetch.queue.backoff.ms", "100")
-        .set("fetch.max.bytes", "16777216")
         // Notice topics created after start (and partitions added) within seconds, not minutes.
         .set("topic.metadata.refresh.interval.ms", "10000");
     if !k.group_instance_id.is_empty() {
@@ -203,15 +214,6 @@ fn is_connection_property(key: &str) -> bool {
     .any(|p| key.starts_with(p))
 }
 
-/// Limits that drive pause/resume.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_records: usize,
-    pub max_bytes: usize,
-    pub resume_records: usize,
-    pub resume_bytes: usize,
-}
-
 impl Limits {
     pub fn from_config(cfg: &Config) -> Self {
         let p = &cfg.pipeline;
@@ -221,8 +223,20 @@ impl Limits {
             max_bytes,
             resume_records: (p.max_in_flight_records as f64 * p.resume_threshold) as usize,
             resume_bytes: (max_bytes as f64 * p.resume_threshold) as usize,
+            // librdkafka counts these kilobytes as 1000 bytes.
+            prefetch_bytes: prefetch_kbytes(cfg) * 1000,
         }
     }
+}
+
+/// librdkafka's prefetch cap (`queued.max.messages.kbytes`): `[kafka.properties]` if set there,
+/// else half the in-flight byte bound, between 1 MiB and 64 MiB.
+fn prefetch_kbytes(cfg: &Config) -> usize {
+    cfg.kafka
+        .properties
+        .get("queued.max.messages.kbytes")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| (cfg.pipeline.max_in_flight_bytes.as_u64() as usize / 2 / 1024).clamp(1024, 65536))
 }
 
 /// Everything the poll thread needs.
@@ -318,11 +332,16 @@ impl PollLoop {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
+        let mut pressure = Pressure::new(self.limits);
         while !self.stop.is_cancelled() {
-            self.apply_backpressure();
+            let flow = self.apply_backpressure(&mut pressure);
             if last_commit.elapsed() >= self.commit_interval {
                 self.commit();
                 last_commit = Instant::now();
+            }
+            if flow == Flow::Hold {
+                std::thread::sleep(HOLD_TICK);
+                continue;
             }
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
@@ -345,6 +364,7 @@ impl PollLoop {
             let record = Record::from_message(&msg, topic, generation);
             drop(msg);
             self.in_flight.add(record.size());
+            pressure.on_read(record.size());
             self.metrics.record_outcome(&record, "consumed");
             if self.input.blocking_send(Input::Record(record)).is_err() {
                 tracing::error!("scheduler stopped unexpectedly; stopping consumption");
@@ -369,12 +389,12 @@ impl PollLoop {
         }
     }
 
-    fn apply_backpressure(&self) {
+    /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
+    fn apply_backpressure(&self, pressure: &mut Pressure) -> Flow {
         let (records, bytes) = self.in_flight.get();
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
-        let l = &self.limits;
-        let paused = self.state.paused.load(Ordering::Relaxed);
+        let flow = pressure.update(Instant::now(), records, bytes);
         // Open: every partition stays paused. Half-open: stay paused while records already
         // wait at the gate (one of them is the probe); resume only when none is left to probe with.
         let breaker_open = match self.breaker.state() {
@@ -382,15 +402,25 @@ impl PollLoop {
             BreakerState::HalfOpen => records > 0,
             BreakerState::Closed => false,
         };
-        if !paused && breaker_open {
-            tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
-            self.set_paused(true);
-        } else if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
-            tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
-            self.set_paused(true);
-        } else if paused && !breaker_open && records <= l.resume_records && bytes <= l.resume_bytes {
-            tracing::debug!(records, bytes, "resuming partitions");
-            self.set_paused(false);
+        let pause = breaker_open || flow == Flow::Paused;
+        if pause != self.state.paused.load(Ordering::Relaxed) {
+            if breaker_open && pause {
+                tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
+            } else if pause {
+                tracing::debug!(
+                    records,
+                    bytes,
+                    "the pipeline is too slow to read the prefetch soon; pausing partitions"
+                );
+            } else {
+                tracing::debug!(records, bytes, "resuming partitions");
+            }
+            self.set_paused(pause);
+        }
+        if breaker_open {
+            Flow::Paused
+        } else {
+            flow
         }
     }
 
