@@ -16,7 +16,7 @@
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +44,8 @@ use backpressure::{Flow, Pressure};
 
 /// Sleep between checks while holding at the in-flight limit.
 const HOLD_TICK: Duration = Duration::from_millis(1);
+/// How often partitions paused at their share are checked for resuming.
+const SHARE_CHECK: Duration = Duration::from_millis(10);
 
 /// State shared between the poll thread, its callbacks and the admin server.
 #[derive(Debug, Default)]
@@ -332,9 +334,16 @@ impl PollLoop {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
-        let mut pressure = Pressure::new(self.limits);
+        let mut pressure = Pressure::new(self.limits, Instant::now());
+        // Partitions paused on their own because they hold their share (slow pipeline).
+        let mut capped = HashSet::new();
+        let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
-            let flow = self.apply_backpressure(&mut pressure);
+            let flow = self.apply_backpressure(&mut pressure, &capped);
+            if last_share_check.elapsed() >= SHARE_CHECK {
+                self.release_shares(&pressure, &mut capped);
+                last_share_check = Instant::now();
+            }
             if last_commit.elapsed() >= self.commit_interval {
                 self.commit();
                 last_commit = Instant::now();
@@ -370,12 +379,74 @@ impl PollLoop {
                 tracing::error!("scheduler stopped unexpectedly; stopping consumption");
                 return;
             }
+            if pressure.is_slow() {
+                self.cap_share(&pressure, tp, &mut capped);
+            }
+        }
+    }
+
+    /// While the pipeline is slow, pauses a partition that holds its share of the record limit.
+    fn cap_share(&self, pressure: &Pressure, tp: TopicPartition, capped: &mut HashSet<TopicPartition>) {
+        let (share, _) = pressure.share(self.metrics.assigned_partitions.get() as usize);
+        if capped.contains(&tp) || self.tracker.unfinished(std::slice::from_ref(&tp)) < share {
+            return;
+        }
+        tracing::debug!(topic = %tp.topic, partition = tp.partition, share, "partition holds its share of a slow pipeline; pausing it");
+        if !self.state.paused.load(Ordering::Relaxed) {
+            self.pause_resume(std::slice::from_ref(&tp), true);
+        }
+        capped.insert(tp);
+        self.update_paused_gauge(capped);
+    }
+
+    /// Resumes partitions paused at their share once they fall below its resume level, and all
+    /// of them once the pipeline is no longer slow. Forgets partitions no longer assigned.
+    fn release_shares(&self, pressure: &Pressure, capped: &mut HashSet<TopicPartition>) {
+        if capped.is_empty() {
+            return;
+        }
+        let (_, resume) = pressure.share(self.metrics.assigned_partitions.get() as usize);
+        let assigned = self.tracker.partitions();
+        let mut released = Vec::new();
+        capped.retain(|tp| {
+            let is_assigned = assigned.binary_search(tp).is_ok();
+            let keep = is_assigned && pressure.is_slow() && self.tracker.unfinished(std::slice::from_ref(tp)) > resume;
+            if !keep && is_assigned {
+                released.push(tp.clone());
+            }
+            keep
+        });
+        if !released.is_empty() && !self.state.paused.load(Ordering::Relaxed) {
+            tracing::debug!(partitions = %fmt_tps(&released), "resuming partitions paused at their share");
+            self.pause_resume(&released, false);
+        }
+        self.update_paused_gauge(capped);
+    }
+
+    fn pause_resume(&self, tps: &[TopicPartition], pause: bool) {
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for tp in tps {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, pause, partitions = %fmt_tps(tps), "failed to pause/resume partitions");
+        }
+    }
+
+    fn update_paused_gauge(&self, capped: &HashSet<TopicPartition>) {
+        if !self.state.paused.load(Ordering::Relaxed) {
+            self.metrics.paused_partitions.set(capped.len() as i64);
         }
     }
 
     /// Stop fetching and keep the membership alive until the workers drained.
     fn drain(&self) {
-        self.set_paused(true);
+        self.set_paused(true, &HashSet::new());
         let _ = self.input.blocking_send(Input::End);
         let mut last_commit = Instant::now();
         while !self.close.is_cancelled() {
@@ -390,7 +461,7 @@ impl PollLoop {
     }
 
     /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
-    fn apply_backpressure(&self, pressure: &mut Pressure) -> Flow {
+    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &HashSet<TopicPartition>) -> Flow {
         let (records, bytes) = self.in_flight.get();
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
@@ -415,7 +486,7 @@ impl PollLoop {
             } else {
                 tracing::debug!(records, bytes, "resuming partitions");
             }
-            self.set_paused(pause);
+            self.set_paused(pause, capped);
         }
         if breaker_open {
             Flow::Paused
@@ -424,7 +495,8 @@ impl PollLoop {
         }
     }
 
-    fn set_paused(&self, pause: bool) {
+    /// Pauses every assigned partition, or resumes all but those paused at their share.
+    fn set_paused(&self, pause: bool, capped: &HashSet<TopicPartition>) {
         self.state.paused.store(pause, Ordering::Relaxed);
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
@@ -433,14 +505,19 @@ impl PollLoop {
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            let mut resume = TopicPartitionList::with_capacity(assignment.count());
+            for e in assignment.elements() {
+                if !capped.contains(&TopicPartition::new(e.topic(), e.partition())) {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+            self.consumer.resume(&resume)
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, pause, "failed to pause/resume partitions");
         }
-        self.metrics
-            .paused_partitions
-            .set(if pause { assignment.count() as i64 } else { 0 });
+        let paused = if pause { assignment.count() } else { capped.len() };
+        self.metrics.paused_partitions.set(paused as i64);
     }
 
     /// Periodic commit. Synchronous: it runs on this dedicated thread, takes one round trip,
