@@ -18,6 +18,8 @@ use crate::config::{AppConfig, DeliveryMode};
 use crate::record::Record;
 use crate::retry::{parse_retry_after, Transport};
 
+mod envelope;
+
 /// Headers of the single-mode request.
 pub mod headers {
     pub const TOPIC: &str = "x-kafka-topic";
@@ -59,6 +61,8 @@ pub struct AppClient {
     url: reqwest::Url,
     mode: DeliveryMode,
     group: String,
+    /// `group` as a header value, built once (None if it is not a valid header value).
+    group_header: Option<HeaderValue>,
 }
 
 /// One record header in the JSON encodings: the value is base64, or null.
@@ -123,6 +127,7 @@ impl AppClient {
             url: cfg.url.parse()?,
             mode: cfg.mode,
             group: group.to_string(),
+            group_header: HeaderValue::from_str(group).ok(),
         })
     }
 
@@ -193,33 +198,38 @@ impl AppClient {
 
     fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
         let r = out.record;
-        let mut h = HeaderMap::new();
-        let mut put = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
+        // Numbers and the group go in without a String in between: this runs once per record.
+        let mut h = HeaderMap::with_capacity(16);
+        if let Ok(v) = HeaderValue::from_str(&r.topic) {
+            h.insert(headers::TOPIC, v);
+        }
+        h.insert(headers::PARTITION, HeaderValue::from(r.partition));
+        h.insert(headers::OFFSET, HeaderValue::from(r.offset));
+        h.insert(headers::ATTEMPT, HeaderValue::from(attempt));
+        if let Some(group) = &self.group_header {
+            h.insert(headers::GROUP, group.clone());
+        }
+        if let Some(ts) = r.timestamp_ms {
+            h.insert(headers::TIMESTAMP, HeaderValue::from(ts));
+        }
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
                 h.insert(name, v);
             }
         };
-        put(headers::TOPIC, r.topic.to_string());
-        put(headers::PARTITION, r.partition.to_string());
-        put(headers::OFFSET, r.offset.to_string());
-        put(headers::ATTEMPT, attempt.to_string());
-        put(headers::GROUP, self.group.clone());
-        put(headers::IDEMPOTENCY_KEY, out.idempotency_key.to_string());
-        if let Some(ts) = r.timestamp_ms {
-            put(headers::TIMESTAMP, ts.to_string());
-        }
+        put(headers::IDEMPOTENCY_KEY, out.idempotency_key);
         if let Some(key) = &r.key {
-            put(headers::KEY, B64.encode(key));
+            put(headers::KEY, &B64.encode(key));
         }
         if r.value.is_none() {
-            put(headers::VALUE_NULL, "true".into());
+            put(headers::VALUE_NULL, "true");
         }
         if !r.headers.is_empty() {
-            put(headers::HEADERS, ascii_json(&json_headers(r)));
+            put(headers::HEADERS, &ascii_json(&json_headers(r)));
         }
         for name in PASSTHROUGH {
             if let Some(v) = out.trace.get(name).map(String::as_str).or_else(|| r.header_str(name)) {
-                put(name, v.to_string());
+                put(name, v);
             }
         }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -228,37 +238,12 @@ impl AppClient {
     }
 
     fn batch_request(&self, records: &[Outgoing<'_>], attempt: u32) -> reqwest::RequestBuilder {
-        let envelope = BatchEnvelope {
-            records: records
-                .iter()
-                .map(
-                    |Outgoing {
-                         record: r,
-                         trace,
-                         idempotency_key,
-                     }| JsonRecord {
-                        topic: r.topic.to_string(),
-                        partition: r.partition,
-                        offset: r.offset,
-                        timestamp: r.timestamp_ms,
-                        key: r.key.as_ref().map(|k| B64.encode(k)),
-                        value: r.value.as_ref().map(|v| B64.encode(v)),
-                        headers: json_headers(r),
-                        attempt,
-                        traceparent: trace
-                            .get("traceparent")
-                            .cloned()
-                            .or_else(|| r.header_str("traceparent").map(str::to_string)),
-                        idempotency_key: Some(idempotency_key.to_string()),
-                    },
-                )
-                .collect(),
-        };
         self.client
             .post(self.url.clone())
             .header(headers::GROUP, &self.group)
             .header(headers::ATTEMPT, attempt.to_string())
-            .json(&envelope)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(envelope::batch_body(records, attempt))
     }
 }
 

@@ -4,8 +4,11 @@
 //! user work, so the group never times out while the app is slow. It owns the consumer:
 //! commits, pause/resume and rebalance callbacks all happen on it, which serialises them.
 //!
-//! - Backpressure: above the in-flight limit every assigned partition is paused; below the
-//!   resume threshold they resume. Records are never buffered past the limit or dropped.
+//! - Backpressure (see [`backpressure`]): at the in-flight limit the thread stops taking
+//!   records and lets librdkafka keep its bounded prefetch; only when the pipeline stays too
+//!   slow to read that prefetch soon (or the breaker opens) is every assigned partition
+//!   paused, until in-flight falls below the resume threshold. Records are never buffered
+//!   past the limit or dropped.
 //! - Revoke: wait (up to `revoke_drain_timeout`) until the revoked partitions' records are
 //!   finished, commit their watermark synchronously, then let the unassign happen. A lost
 //!   assignment is not committed (another member owns it already).
@@ -13,7 +16,7 @@
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +36,16 @@ use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
 use crate::scheduler::{InFlight, Input};
+
+mod backpressure;
+
+pub use backpressure::Limits;
+use backpressure::{Flow, Pressure};
+
+/// Sleep between checks while holding at the in-flight limit.
+const HOLD_TICK: Duration = Duration::from_millis(1);
+/// How often partitions paused at their share are checked for resuming.
+const SHARE_CHECK: Duration = Duration::from_millis(10);
 
 /// State shared between the poll thread, its callbacks and the admin server.
 #[derive(Debug, Default)]
@@ -154,10 +167,10 @@ pub fn create_consumer(
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("partition.assignment.strategy", &k.assignment_strategy)
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
-        // Prefetch is memory too: keep librdkafka's queue small, and refill it quickly.
-        .set("queued.max.messages.kbytes", "16384")
+        // Prefetch is memory too: cap librdkafka's queue relative to the in-flight bound (it
+        // also caps fetch.max.bytes unless that is set), and refill it quickly.
+        .set("queued.max.messages.kbytes", prefetch_kbytes(cfg).to_string())
         .set("fetch.queue.backoff.ms", "100")
-        .set("fetch.max.bytes", "16777216")
         // Notice topics created after start (and partitions added) within seconds, not minutes.
         .set("topic.metadata.refresh.interval.ms", "10000");
     if !k.group_instance_id.is_empty() {
@@ -203,15 +216,6 @@ fn is_connection_property(key: &str) -> bool {
     .any(|p| key.starts_with(p))
 }
 
-/// Limits that drive pause/resume.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_records: usize,
-    pub max_bytes: usize,
-    pub resume_records: usize,
-    pub resume_bytes: usize,
-}
-
 impl Limits {
     pub fn from_config(cfg: &Config) -> Self {
         let p = &cfg.pipeline;
@@ -221,8 +225,20 @@ impl Limits {
             max_bytes,
             resume_records: (p.max_in_flight_records as f64 * p.resume_threshold) as usize,
             resume_bytes: (max_bytes as f64 * p.resume_threshold) as usize,
+            // librdkafka counts these kilobytes as 1000 bytes.
+            prefetch_bytes: prefetch_kbytes(cfg) * 1000,
         }
     }
+}
+
+/// librdkafka's prefetch cap (`queued.max.messages.kbytes`): `[kafka.properties]` if set there,
+/// else half the in-flight byte bound, between 1 MiB and 64 MiB.
+fn prefetch_kbytes(cfg: &Config) -> usize {
+    cfg.kafka
+        .properties
+        .get("queued.max.messages.kbytes")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| (cfg.pipeline.max_in_flight_bytes.as_u64() as usize / 2 / 1024).clamp(1024, 65536))
 }
 
 /// Everything the poll thread needs.
@@ -318,11 +334,23 @@ impl PollLoop {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
+        let mut pressure = Pressure::new(self.limits, Instant::now());
+        // Partitions paused on their own because they hold their share (slow pipeline).
+        let mut capped = HashSet::new();
+        let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
-            self.apply_backpressure();
+            let flow = self.apply_backpressure(&mut pressure, &capped);
+            if last_share_check.elapsed() >= SHARE_CHECK {
+                self.release_shares(&pressure, &mut capped);
+                last_share_check = Instant::now();
+            }
             if last_commit.elapsed() >= self.commit_interval {
                 self.commit();
                 last_commit = Instant::now();
+            }
+            if flow == Flow::Hold {
+                std::thread::sleep(HOLD_TICK);
+                continue;
             }
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
@@ -345,17 +373,80 @@ impl PollLoop {
             let record = Record::from_message(&msg, topic, generation);
             drop(msg);
             self.in_flight.add(record.size());
+            pressure.on_read(record.size());
             self.metrics.record_outcome(&record, "consumed");
             if self.input.blocking_send(Input::Record(record)).is_err() {
                 tracing::error!("scheduler stopped unexpectedly; stopping consumption");
                 return;
             }
+            if pressure.is_slow() {
+                self.cap_share(&pressure, tp, &mut capped);
+            }
+        }
+    }
+
+    /// While the pipeline is slow, pauses a partition that holds its share of the record limit.
+    fn cap_share(&self, pressure: &Pressure, tp: TopicPartition, capped: &mut HashSet<TopicPartition>) {
+        let (share, _) = pressure.share(self.metrics.assigned_partitions.get() as usize);
+        if capped.contains(&tp) || self.tracker.unfinished(std::slice::from_ref(&tp)) < share {
+            return;
+        }
+        tracing::debug!(topic = %tp.topic, partition = tp.partition, share, "partition holds its share of a slow pipeline; pausing it");
+        if !self.state.paused.load(Ordering::Relaxed) {
+            self.pause_resume(std::slice::from_ref(&tp), true);
+        }
+        capped.insert(tp);
+        self.update_paused_gauge(capped);
+    }
+
+    /// Resumes partitions paused at their share once they fall below its resume level, and all
+    /// of them once the pipeline is no longer slow. Forgets partitions no longer assigned.
+    fn release_shares(&self, pressure: &Pressure, capped: &mut HashSet<TopicPartition>) {
+        if capped.is_empty() {
+            return;
+        }
+        let (_, resume) = pressure.share(self.metrics.assigned_partitions.get() as usize);
+        let assigned = self.tracker.partitions();
+        let mut released = Vec::new();
+        capped.retain(|tp| {
+            let is_assigned = assigned.binary_search(tp).is_ok();
+            let keep = is_assigned && pressure.is_slow() && self.tracker.unfinished(std::slice::from_ref(tp)) > resume;
+            if !keep && is_assigned {
+                released.push(tp.clone());
+            }
+            keep
+        });
+        if !released.is_empty() && !self.state.paused.load(Ordering::Relaxed) {
+            tracing::debug!(partitions = %fmt_tps(&released), "resuming partitions paused at their share");
+            self.pause_resume(&released, false);
+        }
+        self.update_paused_gauge(capped);
+    }
+
+    fn pause_resume(&self, tps: &[TopicPartition], pause: bool) {
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for tp in tps {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, pause, partitions = %fmt_tps(tps), "failed to pause/resume partitions");
+        }
+    }
+
+    fn update_paused_gauge(&self, capped: &HashSet<TopicPartition>) {
+        if !self.state.paused.load(Ordering::Relaxed) {
+            self.metrics.paused_partitions.set(capped.len() as i64);
         }
     }
 
     /// Stop fetching and keep the membership alive until the workers drained.
     fn drain(&self) {
-        self.set_paused(true);
+        self.set_paused(true, &HashSet::new());
         let _ = self.input.blocking_send(Input::End);
         let mut last_commit = Instant::now();
         while !self.close.is_cancelled() {
@@ -369,12 +460,12 @@ impl PollLoop {
         }
     }
 
-    fn apply_backpressure(&self) {
+    /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
+    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &HashSet<TopicPartition>) -> Flow {
         let (records, bytes) = self.in_flight.get();
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
-        let l = &self.limits;
-        let paused = self.state.paused.load(Ordering::Relaxed);
+        let flow = pressure.update(Instant::now(), records, bytes);
         // Open: every partition stays paused. Half-open: stay paused while records already
         // wait at the gate (one of them is the probe); resume only when none is left to probe with.
         let breaker_open = match self.breaker.state() {
@@ -382,19 +473,30 @@ impl PollLoop {
             BreakerState::HalfOpen => records > 0,
             BreakerState::Closed => false,
         };
-        if !paused && breaker_open {
-            tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
-            self.set_paused(true);
-        } else if !paused && (records >= l.max_records || bytes >= l.max_bytes) {
-            tracing::debug!(records, bytes, "in-flight limit reached; pausing partitions");
-            self.set_paused(true);
-        } else if paused && !breaker_open && records <= l.resume_records && bytes <= l.resume_bytes {
-            tracing::debug!(records, bytes, "resuming partitions");
-            self.set_paused(false);
+        let pause = breaker_open || flow == Flow::Paused;
+        if pause != self.state.paused.load(Ordering::Relaxed) {
+            if breaker_open && pause {
+                tracing::warn!("circuit breaker open: pausing every partition until the app recovers");
+            } else if pause {
+                tracing::debug!(
+                    records,
+                    bytes,
+                    "the pipeline is too slow to read the prefetch soon; pausing partitions"
+                );
+            } else {
+                tracing::debug!(records, bytes, "resuming partitions");
+            }
+            self.set_paused(pause, capped);
+        }
+        if breaker_open {
+            Flow::Paused
+        } else {
+            flow
         }
     }
 
-    fn set_paused(&self, pause: bool) {
+    /// Pauses every assigned partition, or resumes all but those paused at their share.
+    fn set_paused(&self, pause: bool, capped: &HashSet<TopicPartition>) {
         self.state.paused.store(pause, Ordering::Relaxed);
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
@@ -403,14 +505,19 @@ impl PollLoop {
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            let mut resume = TopicPartitionList::with_capacity(assignment.count());
+            for e in assignment.elements() {
+                if !capped.contains(&TopicPartition::new(e.topic(), e.partition())) {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+            self.consumer.resume(&resume)
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, pause, "failed to pause/resume partitions");
         }
-        self.metrics
-            .paused_partitions
-            .set(if pause { assignment.count() as i64 } else { 0 });
+        let paused = if pause { assignment.count() } else { capped.len() };
+        self.metrics.paused_partitions.set(paused as i64);
     }
 
     /// Periodic commit. Synchronous: it runs on this dedicated thread, takes one round trip,

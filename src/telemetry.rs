@@ -8,6 +8,7 @@
 //! Without export, the context in a record is still passed on unchanged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::Extractor;
@@ -62,6 +63,10 @@ impl TelemetryConfig {
         }
     }
 }
+
+/// Spans are exported (a tracer provider is installed). Without export a delivery span would
+/// be a no-op carrying its parent's context; skipping it saves per-record allocations.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -124,6 +129,7 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider>> 
     }
     let provider = provider.build();
     global::set_tracer_provider(provider.clone());
+    EXPORTING.store(true, Ordering::Relaxed);
     tracing::info!(protocol, endpoint = %if cfg.otlp_endpoint.is_empty() { from_env.unwrap_or_default() } else { cfg.otlp_endpoint.clone() }, "exporting traces over OTLP");
     Ok(Some(provider))
 }
@@ -158,6 +164,10 @@ impl DeliverySpan {
     /// Starts the span, child of the record's `traceparent` when it has one.
     pub fn start(record: &Record, group: &str) -> Self {
         let parent = global::get_text_map_propagator(|p| p.extract(&RecordHeaders(record)));
+        if !EXPORTING.load(Ordering::Relaxed) {
+            // What the no-op tracer would give: the parent's context, passed on unchanged.
+            return Self { cx: parent };
+        }
         let tracer = global::tracer("kafka-sidecar");
         let span = tracer
             .span_builder(format!("process {}", record.topic))
@@ -204,5 +214,41 @@ impl DeliverySpan {
             span.set_status(Status::error(e.to_string()));
         }
         span.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn record(headers: Vec<(String, Option<Bytes>)>) -> Record {
+        Record {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 1,
+            timestamp_ms: None,
+            key: None,
+            value: None,
+            headers,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn without_export_a_record_s_trace_context_is_passed_on_unchanged() {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let span = DeliverySpan::start(&record(vec![("traceparent".into(), Some(Bytes::from(tp)))]), "g");
+        assert_eq!(span.headers().get("traceparent").map(String::as_str), Some(tp));
+        assert_eq!(span.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        span.end("delivered", 1, None);
+
+        let span = DeliverySpan::start(&record(Vec::new()), "g");
+        assert!(span.headers().is_empty(), "no trace, nothing to pass on");
+        assert_eq!(span.trace_id(), "");
     }
 }
