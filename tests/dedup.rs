@@ -3,9 +3,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::redis_server::TestRedis;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -156,63 +156,10 @@ async fn a_member_joining_and_one_leaving_mid_stream_lose_nothing_and_offset_ded
     assert_each_offset_once(&app.delivered(), 3000);
 }
 
-/// A Redis server owned by one test, on its own port, so it can be stopped and restarted.
-struct OwnRedis {
-    port: u16,
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}); install it with: bash scripts/env.sh up"));
-        let redis = Self { port, child };
-        let url = redis.url();
-        for _ in 0..50 {
-            if redis::Client::open(url.as_str())
-                .unwrap()
-                .get_connection_with_timeout(Duration::from_millis(200))
-                .is_ok()
-            {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("redis-server on port {port} did not come up");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_stream_with_on_error_pause_loses_nothing_and_duplicates_nothing() {
     require_kafka();
-    let mut redis = OwnRedis::start(free_port());
+    let mut redis = TestRedis::start(&[]);
     let topic = unique("dedup-redis-restart");
     create_topic(&topic, 3).await;
     produce(
@@ -242,7 +189,7 @@ async fn a_redis_restart_mid_stream_with_on_error_pause_loses_nothing_and_duplic
         sidecar.log()
     );
 
-    redis.stop();
+    redis.shutdown_nosave();
     // Deliveries already past their claim may complete; then nothing new reaches the app.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let while_down = app.requests().len();
@@ -258,7 +205,7 @@ async fn a_redis_restart_mid_stream_with_on_error_pause_loses_nothing_and_duplic
     assert!(errors > 0.0, "the sidecar saw Redis fail:\n{metrics}");
     assert!(while_down < 2000, "the stream was still running when Redis went down");
 
-    let _redis = OwnRedis::start(redis.port);
+    redis.restart();
     assert!(
         wait_until(2 * MINUTE, || app.delivered_count() >= 2000).await,
         "only {} delivered after Redis came back\n{}",

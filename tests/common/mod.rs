@@ -1,6 +1,8 @@
 //! Test harness: the real broker, a real HTTP app on port 0, and the real sidecar binary.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
