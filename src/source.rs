@@ -15,15 +15,18 @@
 //! - Shutdown: stop reading and pause; keep polling so the membership stays healthy while
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
+//! - Start-up: until the brokers answer, retry with backoff (never exit). A rejected login
+//!   (SASL) or a failed TLS handshake is named as such, with the settings to check, instead of
+//!   "cannot reach the brokers".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -56,6 +59,66 @@ pub struct SourceState {
     pub paused: AtomicBool,
     /// Shutdown began: stop reading, do not wait in revoke callbacks.
     pub closing: AtomicBool,
+    /// Before joining: the authentication or TLS failure that is the latest known cause of the
+    /// brokers being unusable, for the connect loop's log line. librdkafka reports it as an
+    /// error event (and suppresses repeats of it), not as the metadata request's error.
+    security_failure: Mutex<Option<SecurityFailure>>,
+}
+
+/// Why the brokers refused a connection that reached them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecurityFailureKind {
+    /// SASL login rejected (wrong user, password or mechanism).
+    Authentication,
+    /// TLS handshake failed (unknown CA, certificate not matching the broker address, ...).
+    Tls,
+}
+
+impl SecurityFailureKind {
+    /// Whether a librdkafka error event means the connection was refused for security
+    /// reasons. A failed TLS handshake mostly comes as a transport failure whose reason
+    /// (librdkafka's text, from OpenSSL) names SSL.
+    fn classify(code: RDKafkaErrorCode, reason: &str) -> Option<Self> {
+        match code {
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => Some(Self::Authentication),
+            RDKafkaErrorCode::SSL => Some(Self::Tls),
+            RDKafkaErrorCode::BrokerTransportFailure if reason.contains("SSL") => Some(Self::Tls),
+            _ => None,
+        }
+    }
+
+    /// The log line: what failed and which settings to check.
+    fn message(self) -> &'static str {
+        match self {
+            Self::Authentication => {
+                "kafka authentication failed: the brokers rejected the SASL login; check sasl.mechanism, \
+                 sasl.username and sasl.password in [kafka.properties]; retrying"
+            }
+            Self::Tls => {
+                "kafka TLS handshake failed; check ssl.ca.location (the CA that signed the brokers' \
+                 certificates) and that kafka.brokers names the hosts in those certificates; retrying"
+            }
+        }
+    }
+}
+
+/// A security failure and librdkafka's description of it (never contains the password).
+#[derive(Debug, Clone)]
+struct SecurityFailure {
+    kind: SecurityFailureKind,
+    reason: String,
+}
+
+impl SourceState {
+    fn security_failure(&self) -> Option<SecurityFailure> {
+        self.security_failure.lock().ok()?.clone()
+    }
+
+    fn set_security_failure(&self, failure: Option<SecurityFailure>) {
+        if let Ok(mut slot) = self.security_failure.lock() {
+            *slot = failure;
+        }
+    }
 }
 
 /// librdkafka callbacks.
@@ -81,7 +144,24 @@ impl ClientContext for SourceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}");
+        let code = error.rdkafka_error_code();
+        let joined = self.state.joined.load(Ordering::Relaxed);
+        match code.and_then(|c| SecurityFailureKind::classify(c, reason)) {
+            // Before joining, the connect loop logs it once per retry, with the fix.
+            Some(kind) if !joined => self.state.set_security_failure(Some(SecurityFailure {
+                kind,
+                reason: reason.to_string(),
+            })),
+            Some(kind) => tracing::error!(target: "librdkafka", reason, "{}", kind.message()),
+            None => {
+                // A connection that fails for another reason (refused, unresolvable) is the
+                // cause now; "all brokers down" is only the consequence of either.
+                if !joined && code != Some(RDKafkaErrorCode::AllBrokersDown) {
+                    self.state.set_security_failure(None);
+                }
+                tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}")
+            }
+        }
     }
 }
 
@@ -295,6 +375,7 @@ impl PollLoop {
             }
             match self.consumer.fetch_metadata(None, Duration::from_secs(10)) {
                 Ok(md) => {
+                    self.state.set_security_failure(None);
                     for topic in &self.topics {
                         let known = md.topics().iter().any(|t| t.name() == topic && t.error().is_none());
                         if !known {
@@ -305,8 +386,18 @@ impl PollLoop {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay().max(Duration::from_millis(200));
-                    tracing::error!(brokers = %self.brokers, error = %e, retry_in = ?delay, "cannot reach the Kafka brokers; retrying");
-                    self.sleep_unless_stopped(delay);
+                    // The client's error events say whether the brokers refused the login or
+                    // the TLS handshake; they arrive through polling.
+                    self.serve_events(Duration::from_millis(200));
+                    match self.state.security_failure() {
+                        Some(f) => {
+                            tracing::error!(brokers = %self.brokers, reason = %f.reason, retry_in = ?delay, "{}", f.kind.message())
+                        }
+                        None => {
+                            tracing::error!(brokers = %self.brokers, error = %e, retry_in = ?delay, "cannot reach the Kafka brokers; retrying")
+                        }
+                    }
+                    self.serve_events(delay);
                 }
             }
         }
@@ -323,10 +414,13 @@ impl PollLoop {
         }
     }
 
-    fn sleep_unless_stopped(&self, d: Duration) {
+    /// Polls the not yet subscribed consumer for `d` (or until shutdown): serves its log and
+    /// error events, so that callbacks run; it has no partitions, so no record can arrive.
+    fn serve_events(&self, d: Duration) {
         let until = Instant::now() + d;
         while Instant::now() < until && !self.stop.is_cancelled() {
-            std::thread::sleep(Duration::from_millis(50));
+            // Errors went to the context's `error` callback already.
+            let _ = self.consumer.poll(Duration::from_millis(50));
         }
     }
 
@@ -599,4 +693,49 @@ fn fmt_positions(p: &[(TopicPartition, i64)]) -> String {
         .map(|(tp, o)| format!("{}/{}@{}", tp.topic, tp.partition, o))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_and_tls_refusals_are_named_and_other_errors_are_not() {
+        use SecurityFailureKind::*;
+        let tls = "sasl_ssl://b:9094/bootstrap: error:0A000086:SSL routines::certificate verify failed";
+        let refused = "b:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused";
+        for (code, reason, want) in [
+            (
+                RDKafkaErrorCode::Authentication,
+                "SASL authentication error",
+                Some(Authentication),
+            ),
+            (RDKafkaErrorCode::SaslAuthenticationFailed, "", Some(Authentication)),
+            (RDKafkaErrorCode::SSL, "", Some(Tls)),
+            (RDKafkaErrorCode::BrokerTransportFailure, tls, Some(Tls)),
+            (RDKafkaErrorCode::BrokerTransportFailure, refused, None),
+            (RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down", None),
+        ] {
+            assert_eq!(SecurityFailureKind::classify(code, reason), want, "{code:?} {reason}");
+        }
+        assert!(Authentication.message().contains("sasl.password"));
+        assert!(Tls.message().contains("ssl.ca.location"));
+    }
+
+    #[test]
+    fn a_noted_failure_stays_the_cause_until_replaced_or_cleared() {
+        let state = SourceState::default();
+        assert!(state.security_failure().is_none());
+        state.set_security_failure(Some(SecurityFailure {
+            kind: SecurityFailureKind::Authentication,
+            reason: "invalid credentials".into(),
+        }));
+        for _ in 0..2 {
+            let f = state.security_failure().expect("noted");
+            assert_eq!(f.kind, SecurityFailureKind::Authentication);
+            assert_eq!(f.reason, "invalid credentials");
+        }
+        state.set_security_failure(None);
+        assert!(state.security_failure().is_none());
+    }
 }

@@ -28,6 +28,65 @@ pub fn brokers() -> String {
     std::env::var("KAFKA_SIDECAR_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The broker's TLS + SASL/SCRAM-SHA-512 listener (`scripts/env.sh` makes it).
+pub fn sasl_brokers() -> String {
+    std::env::var("KAFKA_SIDECAR_TEST_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".into())
+}
+
+/// The CA that signed the SASL_SSL listener's certificate: `$KAFKA_SIDECAR_CACHE/run/tls/ca.pem`,
+/// as `scripts/env.sh` makes it, unless `KAFKA_SIDECAR_TEST_CA` names another file.
+pub fn test_ca() -> PathBuf {
+    if let Ok(path) = std::env::var("KAFKA_SIDECAR_TEST_CA") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var("KAFKA_SIDECAR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kafka-sidecar"));
+    cache.join("run/tls/ca.pem")
+}
+
+/// The SCRAM user `scripts/env.sh` creates (test-only credentials).
+pub const SCRAM_USER: &str = "sidecar";
+pub const SCRAM_PASSWORD: &str = "sidecar-secret";
+
+/// `[kafka.properties]` for the SASL_SSL listener with the given password.
+pub fn sasl_properties(password: &str) -> String {
+    format!(
+        r#"
+[kafka.properties]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "SCRAM-SHA-512"
+"sasl.username" = "{SCRAM_USER}"
+"sasl.password" = "{password}"
+"ssl.ca.location" = "{ca}"
+"#,
+        ca = test_ca().display()
+    )
+}
+
+/// Fails the test (never skips it) when the SASL_SSL listener does not accept the test user.
+pub fn require_sasl_kafka() {
+    let how = "Start (or update) the test environment with `scripts/env.sh up`: it makes the CA, \
+               the SCRAM user and the SASL_SSL listener, and restarts a broker started without them.";
+    let ca = test_ca();
+    assert!(ca.is_file(), "no test CA at {} ({how})", ca.display());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", sasl_brokers())
+        .set("security.protocol", "SASL_SSL")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", SCRAM_USER)
+        .set("sasl.password", SCRAM_PASSWORD)
+        .set("ssl.ca.location", ca.to_string_lossy())
+        .create()
+        .expect("kafka client");
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "the SASL_SSL listener at {} does not accept user {SCRAM_USER} ({e}). {how}",
+            sasl_brokers()
+        );
+    }
+}
+
 /// Fails the test (never skips it) when the broker is not there.
 pub fn require_kafka() {
     let consumer: BaseConsumer = ClientConfig::new()
