@@ -299,6 +299,9 @@ impl DeadLetters {
         cc.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // One dead letter per batch: a batch too large for the topic fails every record
+            // in it, and only the too-large one should lose its value.
+            .set("batch.num.messages", "1")
             .set("message.timeout.ms", "30000");
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
