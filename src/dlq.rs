@@ -369,7 +369,12 @@ impl DeadLetters {
                     class: class.as_str().to_string(),
                 })
                 .inc();
-            if let (WriteError::TooLarge, Some(smaller)) = (class, shape.smaller()) {
+            // A record without a value (tombstone) has nothing to drop but its key and headers.
+            let smaller = match shape.smaller() {
+                Some(Shape::NoValue) if record.value.is_none() => Some(Shape::Stripped),
+                next => next,
+            };
+            if let (WriteError::TooLarge, Some(smaller)) = (class, smaller) {
                 self.log_too_large(record, smaller, &e);
                 shape = smaller;
                 continue;

@@ -59,6 +59,10 @@ async fn a_record_too_large_for_the_dlq_once_headers_are_added_is_dead_lettered_
         vec![Out::keyed("k-small", "poison-small"), Out::keyed("k-ok", "fine")],
     )
     .await;
+    // A key too large for the DLQ even without the value: key and headers go too.
+    let mut big_key = Out::keyed("K".repeat(7900), "poison-big-key");
+    big_key.headers.push(("origin".into(), "test".into()));
+    produce(&topic, vec![big_key]).await;
     let app = TestApp::start(|r| {
         if r.value_str() == "fine" {
             Answer::ok()
@@ -76,7 +80,7 @@ async fn a_record_too_large_for_the_dlq_once_headers_are_added_is_dead_lettered_
     let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 1, MINUTE).await;
     assert_eq!(committed, ends, "committed to the end\n{}", sidecar.log());
     let letters = read_all(&dlq, 1);
-    assert_eq!(letters.len(), 2, "both poison records are dead-lettered: {letters:?}");
+    assert_eq!(letters.len(), 3, "every poison record is dead-lettered: {letters:?}");
     let big_letter = letters
         .iter()
         .find(|l| l.headers.get("x-dlq-source-offset").map(String::as_str) == Some("0"))
@@ -94,16 +98,24 @@ async fn a_record_too_large_for_the_dlq_once_headers_are_added_is_dead_lettered_
         .expect("the small record is in the DLQ");
     assert_eq!(small_letter.value.as_deref(), Some(&b"poison-small"[..]), "a record that fits keeps its value");
     assert!(!small_letter.headers.contains_key("x-dlq-dropped"));
+    let stripped = letters
+        .iter()
+        .find(|l| l.headers.get("x-dlq-source-offset").map(String::as_str) == Some("3"))
+        .expect("the big-key record is in the DLQ");
+    assert_eq!((stripped.key.as_deref(), stripped.value.as_deref()), (None, None));
+    assert_eq!(stripped.headers.get("x-dlq-dropped").map(String::as_str), Some("value,key,headers"));
+    assert!(!stripped.headers.contains_key("origin"), "original headers are left out");
+    assert_eq!(stripped.headers.get("x-dlq-source-topic"), Some(&topic));
 
     let text = scrape(port).await;
-    assert_eq!(metric(&text, "kafka_sidecar_dlq_values_dropped_total", &[]), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "kafka_sidecar_dlq_values_dropped_total", &[]), Some(2.0), "{text}");
     assert!(
         metric(&text, "kafka_sidecar_dlq_errors_total", &[("class", "message_too_large")]).unwrap_or(0.0) >= 1.0,
         "{text}"
     );
     let status = status_json(port).await;
     assert_eq!(status["dlq"]["healthy"], true, "{status}");
-    assert_eq!(status["dlq"]["values_dropped"], 1, "{status}");
+    assert_eq!(status["dlq"]["values_dropped"], 2, "{status}");
     assert_eq!(http_get(&format!("http://127.0.0.1:{port}/readyz")).await.0, 200);
     assert!(sidecar.log().contains("record too large for the dead-letter topic"));
 }
