@@ -450,7 +450,11 @@ impl DeadLetters {
         shape: Shape,
     ) -> OwnedHeaders {
         let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + 9);
-        let original = if shape == Shape::Stripped { &[][..] } else { &r.headers[..] };
+        let original = if shape == Shape::Stripped {
+            &[][..]
+        } else {
+            &r.headers[..]
+        };
         // Original headers, except a trace context replaced by the delivery span's.
         for (name, value) in original.iter().filter(|(name, _)| !trace.contains_key(name)) {
             h = h.insert(Header {
@@ -538,7 +542,9 @@ mod tests {
         for (code, class) in cases {
             assert_eq!(WriteError::classify(&produce_error(code)).as_str(), class, "{code:?}");
         }
-        assert!(WriteError::UnknownTopic.fix("dead").contains("create the DLQ topic dead"));
+        assert!(WriteError::UnknownTopic
+            .fix("dead")
+            .contains("create the DLQ topic dead"));
     }
 
     #[test]
@@ -555,7 +561,10 @@ mod tests {
         };
         assert!(a.set(WriteError::UnknownTopic), "a new cause is logged");
         assert!(!a.set(WriteError::UnknownTopic));
-        assert!(!b.set(WriteError::UnknownTopic), "the same cause for another record is not");
+        assert!(
+            !b.set(WriteError::UnknownTopic),
+            "the same cause for another record is not"
+        );
         let status = health.status();
         assert!(!status.healthy);
         assert_eq!(status.error_class, Some("unknown_topic"));
@@ -572,7 +581,10 @@ mod tests {
             health: &health,
             class: None,
         };
-        assert!(c.set(WriteError::UnknownTopic), "after a recovery a cause is logged again");
+        assert!(
+            c.set(WriteError::UnknownTopic),
+            "after a recovery a cause is logged again"
+        );
     }
 
     #[test]

@@ -710,7 +710,10 @@ mod tests {
         assert!(limiter.tracked_keys() <= 100, "{}", limiter.tracked_keys());
         let tracked = Instant::now();
         let _again = limiter.acquire(Some(&7u32.to_be_bytes()), 1).await;
-        assert!(tracked.elapsed() < Duration::from_secs(2), "the table frees up as keys go idle");
+        assert!(
+            tracked.elapsed() < Duration::from_secs(2),
+            "the table frees up as keys go idle"
+        );
     }
 
     #[tokio::test(start_paused = true)]

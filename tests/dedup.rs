@@ -267,7 +267,11 @@ async fn a_deleted_and_recreated_topic_is_delivered_again_with_offset_dedup() {
     require_redis(SHARED_REDIS);
     let topic = unique("dedup-recreated");
     create_topic(&topic, 1).await;
-    let values = |tag: &str| -> Vec<Out> { (0..5).map(|i| Out::keyed(format!("k{i}"), format!("{tag}-{i}"))).collect() };
+    let values = |tag: &str| -> Vec<Out> {
+        (0..5)
+            .map(|i| Out::keyed(format!("k{i}"), format!("{tag}-{i}")))
+            .collect()
+    };
     produce(&topic, values("old")).await;
     let app = TestApp::start(|_| Answer::ok()).await;
     let mut cfg = SidecarConfig::new(&topic, &app);
@@ -298,7 +302,10 @@ async fn a_deleted_and_recreated_topic_is_delivered_again_with_offset_dedup() {
         wait_until(MINUTE, || delivered_new() == 5).await,
         "records of the re-created topic were not delivered ({} of 5); delivered: {:?}\n{}",
         delivered_new(),
-        app.delivered().iter().map(|r| (r.offset, r.value_str())).collect::<Vec<_>>(),
+        app.delivered()
+            .iter()
+            .map(|r| (r.offset, r.value_str()))
+            .collect::<Vec<_>>(),
         second.log()
     );
     assert_committed_to_end(&cfg.group, &topic, 1).await;
@@ -308,5 +315,9 @@ async fn a_deleted_and_recreated_topic_is_delivered_again_with_offset_dedup() {
         "kafka_sidecar_records_total",
         &[("topic", &topic), ("outcome", "deduplicated")],
     );
-    assert_eq!(deduplicated.unwrap_or(0.0), 0.0, "nothing of the new incarnation is a duplicate");
+    assert_eq!(
+        deduplicated.unwrap_or(0.0),
+        0.0,
+        "nothing of the new incarnation is a duplicate"
+    );
 }

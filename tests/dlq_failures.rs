@@ -96,21 +96,41 @@ async fn a_record_too_large_for_the_dlq_once_headers_are_added_is_dead_lettered_
         .iter()
         .find(|l| l.headers.get("x-dlq-source-offset").map(String::as_str) == Some("1"))
         .expect("the small record is in the DLQ");
-    assert_eq!(small_letter.value.as_deref(), Some(&b"poison-small"[..]), "a record that fits keeps its value");
+    assert_eq!(
+        small_letter.value.as_deref(),
+        Some(&b"poison-small"[..]),
+        "a record that fits keeps its value"
+    );
     assert!(!small_letter.headers.contains_key("x-dlq-dropped"));
     let stripped = letters
         .iter()
         .find(|l| l.headers.get("x-dlq-source-offset").map(String::as_str) == Some("3"))
         .expect("the big-key record is in the DLQ");
     assert_eq!((stripped.key.as_deref(), stripped.value.as_deref()), (None, None));
-    assert_eq!(stripped.headers.get("x-dlq-dropped").map(String::as_str), Some("value,key,headers"));
-    assert!(!stripped.headers.contains_key("origin"), "original headers are left out");
+    assert_eq!(
+        stripped.headers.get("x-dlq-dropped").map(String::as_str),
+        Some("value,key,headers")
+    );
+    assert!(
+        !stripped.headers.contains_key("origin"),
+        "original headers are left out"
+    );
     assert_eq!(stripped.headers.get("x-dlq-source-topic"), Some(&topic));
 
     let text = scrape(port).await;
-    assert_eq!(metric(&text, "kafka_sidecar_dlq_values_dropped_total", &[]), Some(2.0), "{text}");
+    assert_eq!(
+        metric(&text, "kafka_sidecar_dlq_values_dropped_total", &[]),
+        Some(2.0),
+        "{text}"
+    );
     assert!(
-        metric(&text, "kafka_sidecar_dlq_errors_total", &[("class", "message_too_large")]).unwrap_or(0.0) >= 1.0,
+        metric(
+            &text,
+            "kafka_sidecar_dlq_errors_total",
+            &[("class", "message_too_large")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
         "{text}"
     );
     let status = status_json(port).await;
@@ -158,7 +178,11 @@ async fn a_missing_dlq_topic_keeps_the_record_reports_it_and_writes_it_once_the_
         status["dlq"]["healthy"] == false
     })
     .await;
-    assert!(reported, "/status never reported the DLQ problem: {status}\n{}", sidecar.log());
+    assert!(
+        reported,
+        "/status never reported the DLQ problem: {status}\n{}",
+        sidecar.log()
+    );
     assert_eq!(status["dlq"]["error_class"], "unknown_topic", "{status}");
     assert_eq!(status["dlq"]["blocked_records"], 1, "{status}");
     let fix = status["dlq"]["fix"].as_str().unwrap_or_default();
@@ -170,12 +194,20 @@ async fn a_missing_dlq_topic_keeps_the_record_reports_it_and_writes_it_once_the_
     );
     let text = scrape(port).await;
     assert!(metric(&text, "kafka_sidecar_dlq_errors_total", &[("class", "unknown_topic")]).unwrap_or(0.0) >= 1.0);
-    assert_eq!(metric(&text, "kafka_sidecar_dlq_blocked_records", &[]), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "kafka_sidecar_dlq_blocked_records", &[]),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(metric(&text, "kafka_sidecar_ready", &[]), Some(0.0), "{text}");
 
     // Retries go on (backoff capped at 1 s here); the record is kept, nothing passes it.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(committed(&cfg.group, &topic, 1), vec![1], "committed up to the poison record, not past it");
+    assert_eq!(
+        committed(&cfg.group, &topic, 1),
+        vec![1],
+        "committed up to the poison record, not past it"
+    );
     assert!(
         app.delivered().iter().all(|r| r.value_str() != "fine-2"),
         "the lane stays blocked behind the kept record"
@@ -194,11 +226,19 @@ async fn a_missing_dlq_topic_keeps_the_record_reports_it_and_writes_it_once_the_
 
     create_topic(&dlq, 1).await;
     let (committed_now, ends) = wait_committed_to_end(&cfg.group, &topic, 1, 2 * MINUTE).await;
-    assert_eq!(committed_now, ends, "committed to the end once the DLQ topic exists\n{}", sidecar.log());
+    assert_eq!(
+        committed_now,
+        ends,
+        "committed to the end once the DLQ topic exists\n{}",
+        sidecar.log()
+    );
     let letters = read_all(&dlq, 1);
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].value.as_deref(), Some(&b"poison-1"[..]));
-    assert_eq!(letters[0].headers.get("x-dlq-source-offset").map(String::as_str), Some("1"));
+    assert_eq!(
+        letters[0].headers.get("x-dlq-source-offset").map(String::as_str),
+        Some("1")
+    );
     assert!(app.delivered().iter().any(|r| r.value_str() == "fine-2"));
     let status = status_json(port).await;
     assert_eq!(status["dlq"]["healthy"], true, "{status}");

@@ -66,7 +66,10 @@ async fn a_million_distinct_keys_keep_limiter_and_dedup_gate_bounded_by_count() 
         let keys: Vec<String> = records.iter().map(|r| format!("id-{:0>100}", r.offset)).collect();
         let items: Vec<(&Record, &str)> = records.iter().zip(&keys).map(|(r, k)| (r, k.as_str())).collect();
         let decisions = gate.claim(&items).await.expect("claim");
-        assert!(decisions.iter().all(|d| *d == Decision::Deliver), "distinct keys are all new");
+        assert!(
+            decisions.iter().all(|d| *d == Decision::Deliver),
+            "distinct keys are all new"
+        );
         max_held = max_held.max(gate.held_keys());
         for r in &records {
             let _permit = limiter.acquire(r.key.as_deref(), 1).await;
@@ -89,8 +92,14 @@ async fn a_million_distinct_keys_keep_limiter_and_dedup_gate_bounded_by_count() 
          (peak {peak} KiB); at most {max_tracked} per-key states and {max_held} held dedup keys",
         started.elapsed().as_secs_f64()
     );
-    assert!(max_tracked <= MAX_KEYS, "per-key states exceeded the bound: {max_tracked}");
-    assert!(max_held <= IN_FLIGHT, "the gate held more keys than records in flight: {max_held}");
+    assert!(
+        max_tracked <= MAX_KEYS,
+        "per-key states exceeded the bound: {max_tracked}"
+    );
+    assert!(
+        max_held <= IN_FLIGHT,
+        "the gate held more keys than records in flight: {max_held}"
+    );
     assert_eq!(gate.held_keys(), 0, "every key is forgotten once its record is done");
     assert!(
         growth < 16 * 1024,

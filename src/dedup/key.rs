@@ -198,7 +198,10 @@ mod tests {
             timestamp_ms: Some(1_700_000_900_000),
             ..old.clone()
         };
-        assert_eq!((old.topic.clone(), old.partition, old.offset), (new.topic.clone(), new.partition, new.offset));
+        assert_eq!(
+            (old.topic.clone(), old.partition, old.offset),
+            (new.topic.clone(), new.partition, new.offset)
+        );
         assert_ne!(derived("offset", &old), derived("offset", &new));
     }
 
