@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
+use crate::dlq::DlqHealth;
 use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
 use crate::scheduler::InFlight;
@@ -30,11 +31,15 @@ pub struct AdminState {
     pub breaker: Arc<Breaker>,
     /// Fired when shutdown begins: readiness goes false.
     pub shutdown: CancellationToken,
+    /// Dead-lettering health; `None` without a DLQ. Not ready while the DLQ refuses records.
+    pub dlq: Option<Arc<DlqHealth>>,
 }
 
 impl AdminState {
     fn ready(&self) -> bool {
-        self.source.joined.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+        self.source.joined.load(Ordering::Relaxed)
+            && !self.shutdown.is_cancelled()
+            && self.dlq.as_ref().is_none_or(|d| d.healthy())
     }
 }
 
@@ -102,5 +107,21 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         "shutting_down": s.shutdown.is_cancelled(),
         "in_flight": { "records": records, "bytes": bytes },
         "partitions": partitions,
+        "dlq": s.dlq.as_ref().map(|d| dlq_status(d)),
     }))
+}
+
+/// `/status` `dlq`: `healthy` is false while records are kept because the DLQ topic refuses
+/// them (`error_class`, `fix`, `blocked_records`); `values_dropped` counts records dead-lettered
+/// without their value.
+fn dlq_status(d: &DlqHealth) -> serde_json::Value {
+    let st = d.status();
+    json!({
+        "topic": st.topic,
+        "healthy": st.healthy,
+        "error_class": st.error_class,
+        "fix": st.fix,
+        "blocked_records": st.blocked_records,
+        "values_dropped": st.values_dropped,
+    })
 }

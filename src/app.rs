@@ -45,7 +45,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let worker = Arc::new(Worker {
         app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
-        dlq: DeadLetters::from_config(&cfg)?,
+        dlq: DeadLetters::from_config(&cfg, metrics.clone())?,
         tracker: tracker.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
@@ -69,6 +69,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             source: state.clone(),
             breaker: breaker.clone(),
             shutdown: shutdown.clone(),
+            dlq: worker.dlq.as_ref().map(DeadLetters::health),
         };
         admin::serve(addr, admin_state, close.clone()).await?;
     }

@@ -2,17 +2,37 @@
 //! value and headers plus `x-dlq-*` headers saying where they came from and why.
 //!
 //! A write counts only when the broker acknowledged it (idempotent producer, acks=all).
-//! A failing write is retried with backoff until it succeeds or shutdown's hard stop.
+//! Failed writes are classified ([`WriteError`]) and counted
+//! (`kafka_sidecar_dlq_errors_total{class}`):
+//!
+//! - **Too large** (the record plus the `x-dlq-*` headers exceeds the DLQ topic's
+//!   `max.message.bytes` or the producer's `message.max.bytes`): the record is written again
+//!   without its value, and if that is still too large without its key and original headers
+//!   too, with `x-dlq-dropped` naming what was left out. The source coordinates stay, so the
+//!   record can be replayed from the source topic. Counted in `dlq_values_dropped_total`.
+//! - **Permanent** (unknown topic, authorization, invalid record, or too large even when
+//!   stripped): the record cannot be written anywhere. It is kept unfinished (its lane is
+//!   blocked, its offset never committed past) and retried with capped backoff; while any
+//!   record is blocked so, [`DlqHealth`] is unhealthy: `/readyz` answers 503 and `/status`
+//!   names the class and the fix. The cause is logged once (and again when it changes).
+//! - **Transient** (broker unreachable, timeouts): retried with capped backoff.
+//!
+//! Nothing is ever skipped: a write ends only acknowledged or at shutdown's hard stop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RetryConfig};
+use crate::metrics::{DlqErrorLabels, Metrics};
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
 use crate::source::connection_config;
@@ -27,6 +47,230 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-dlq-attempts";
     pub const ERROR_CLASS: &str = "x-dlq-error-class";
     pub const ERROR_MESSAGE: &str = "x-dlq-error-message";
+    /// What was left out because the dead letter was too large for the DLQ topic:
+    /// `value`, or `value,key,headers`. Absent on a complete dead letter.
+    pub const DROPPED: &str = "x-dlq-dropped";
+}
+
+/// The most of `x-dlq-error-message` a stripped dead letter keeps, in bytes.
+const STRIPPED_MESSAGE_MAX: usize = 1024;
+
+/// Why a write to the DLQ topic failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WriteError {
+    /// The dead letter is larger than the topic or producer allows.
+    TooLarge,
+    /// The principal may not write to the topic (or could not authenticate).
+    Authorization,
+    /// The topic (or partition) does not exist.
+    UnknownTopic,
+    /// The topic refuses the record (e.g. a compacted topic and a record without key).
+    InvalidRecord,
+    /// Anything else: broker unreachable, timeouts, leader changes.
+    Transient,
+}
+
+impl WriteError {
+    /// Classifies a producer error.
+    pub fn classify(e: &KafkaError) -> Self {
+        use RDKafkaErrorCode as C;
+        match e.rdkafka_error_code() {
+            Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize) => Self::TooLarge,
+            Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::Authentication) => {
+                Self::Authorization
+            }
+            Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => Self::UnknownTopic,
+            Some(C::InvalidRecord | C::PolicyViolation) => Self::InvalidRecord,
+            _ => Self::Transient,
+        }
+    }
+
+    /// The `class` label of `kafka_sidecar_dlq_errors_total` and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "message_too_large",
+            Self::Authorization => "authorization",
+            Self::UnknownTopic => "unknown_topic",
+            Self::InvalidRecord => "invalid_record",
+            Self::Transient => "transient",
+        }
+    }
+
+    /// What the operator has to do about it.
+    pub fn fix(self, topic: &str) -> String {
+        match self {
+            Self::TooLarge => format!(
+                "raise max.message.bytes of the DLQ topic {topic} (and message.max.bytes in [dlq.properties]): \
+                 even without its value, key and headers the dead letter does not fit"
+            ),
+            Self::Authorization => format!(
+                "grant the sidecar's principal WRITE and DESCRIBE on topic {topic} (and IDEMPOTENT_WRITE on \
+                 the cluster for brokers before 2.8), or fix the credentials in [kafka.properties]/[dlq.properties]"
+            ),
+            Self::UnknownTopic => format!("create the DLQ topic {topic}, or fix dlq.topic"),
+            Self::InvalidRecord => format!(
+                "the DLQ topic {topic} refuses the record (a compacted topic needs record keys): \
+                 use a DLQ topic with cleanup.policy=delete"
+            ),
+            Self::Transient => "none: retried until the brokers answer".to_string(),
+        }
+    }
+}
+
+/// How much of the record a dead letter carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Key, value, original headers.
+    Full,
+    /// Key and original headers; no value.
+    NoValue,
+    /// Only the `x-dlq-*` headers (error message shortened) and the trace context.
+    Stripped,
+}
+
+impl Shape {
+    /// The smaller shape to try after a "too large".
+    fn smaller(self) -> Option<Shape> {
+        match self {
+            Shape::Full => Some(Shape::NoValue),
+            Shape::NoValue => Some(Shape::Stripped),
+            Shape::Stripped => None,
+        }
+    }
+
+    /// Value of the `x-dlq-dropped` header.
+    fn dropped(self) -> Option<&'static str> {
+        match self {
+            Shape::Full => None,
+            Shape::NoValue => Some("value"),
+            Shape::Stripped => Some("value,key,headers"),
+        }
+    }
+}
+
+/// Whether dead-lettering works, shared with the admin server.
+#[derive(Debug)]
+pub struct DlqHealth {
+    topic: String,
+    state: Mutex<HealthState>,
+    values_dropped: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Records whose write is failing with a permanent error, by class.
+    blocked: HashMap<WriteError, usize>,
+    /// The class of the last permanent failure (what `/status` shows).
+    last: Option<WriteError>,
+    /// Classes already logged since the last recovery (log once per cause).
+    logged: Vec<WriteError>,
+}
+
+/// The current DLQ problem, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqStatus {
+    pub topic: String,
+    pub healthy: bool,
+    pub error_class: Option<&'static str>,
+    pub fix: Option<String>,
+    pub blocked_records: usize,
+    pub values_dropped: u64,
+}
+
+impl DlqHealth {
+    pub fn new(topic: &str) -> Self {
+        Self {
+            topic: topic.to_string(),
+            state: Mutex::new(HealthState::default()),
+            values_dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// False while a record cannot be dead-lettered because of a permanent error.
+    pub fn healthy(&self) -> bool {
+        self.lock().blocked.values().all(|n| *n == 0)
+    }
+
+    pub fn status(&self) -> DlqStatus {
+        let state = self.lock();
+        let blocked: usize = state.blocked.values().sum();
+        let class = state.last.filter(|_| blocked > 0);
+        DlqStatus {
+            topic: self.topic.clone(),
+            healthy: blocked == 0,
+            error_class: class.map(WriteError::as_str),
+            fix: class.map(|c| c.fix(&self.topic)),
+            blocked_records: blocked,
+            values_dropped: self.values_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A record's write now fails with `class` (permanent); returns whether to log it.
+    fn block(&self, class: WriteError, before: Option<WriteError>) -> bool {
+        let mut state = self.lock();
+        if let Some(old) = before {
+            if let Some(n) = state.blocked.get_mut(&old) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *state.blocked.entry(class).or_default() += 1;
+        state.last = Some(class);
+        if state.logged.contains(&class) {
+            return false;
+        }
+        state.logged.push(class);
+        true
+    }
+
+    /// A blocked record's write ended (written, or given up at shutdown); returns whether
+    /// dead-lettering is healthy again because of it.
+    fn unblock(&self, class: WriteError) -> bool {
+        let mut state = self.lock();
+        if let Some(n) = state.blocked.get_mut(&class) {
+            *n = n.saturating_sub(1);
+        }
+        let healthy = state.blocked.values().all(|n| *n == 0);
+        if healthy {
+            state.logged.clear();
+            state.last = None;
+        }
+        healthy
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Keeps [`DlqHealth`] counting a blocked record until its write ends, however it ends.
+struct Blocked<'a> {
+    health: &'a DlqHealth,
+    class: Option<WriteError>,
+}
+
+impl Blocked<'_> {
+    /// Records that the write now fails permanently with `class`; true when the cause is new.
+    fn set(&mut self, class: WriteError) -> bool {
+        if self.class == Some(class) {
+            return false;
+        }
+        let log = self.health.block(class, self.class);
+        self.class = Some(class);
+        log
+    }
+
+    /// The write succeeded; true when this made dead-lettering healthy again.
+    fn written(mut self) -> bool {
+        self.class.take().is_some_and(|c| self.health.unblock(c))
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.class.take() {
+            self.health.unblock(c);
+        }
+    }
 }
 
 /// The dead-letter producer.
@@ -35,6 +279,10 @@ pub struct DeadLetters {
     topic: String,
     group: String,
     retry: RetryConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<DlqHealth>,
+    /// Whether a record written without its value / stripped was logged already.
+    warned_too_large: [AtomicBool; 2],
 }
 
 /// The write was given up because shutdown's grace period ran out.
@@ -43,7 +291,7 @@ pub struct Interrupted;
 
 impl DeadLetters {
     /// Builds the producer; `None` when no DLQ topic is configured.
-    pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
+    pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Option<Self>> {
         if cfg.dlq.topic.is_empty() {
             return Ok(None);
         }
@@ -51,6 +299,9 @@ impl DeadLetters {
         cc.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // One dead letter per batch: a batch too large for the topic fails every record
+            // in it, and only the too-large one should lose its value.
+            .set("batch.num.messages", "1")
             .set("message.timeout.ms", "30000");
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
@@ -63,10 +314,19 @@ impl DeadLetters {
             topic: cfg.dlq.topic.clone(),
             group: cfg.kafka.group_id.clone(),
             retry: cfg.retry.clone(),
+            metrics,
+            health: Arc::new(DlqHealth::new(&cfg.dlq.topic)),
+            warned_too_large: [AtomicBool::new(false), AtomicBool::new(false)],
         }))
     }
 
-    /// Writes a record to the DLQ, retrying until the broker acknowledges it.
+    /// Whether dead-lettering works (for `/readyz` and `/status`).
+    pub fn health(&self) -> Arc<DlqHealth> {
+        self.health.clone()
+    }
+
+    /// Writes a record to the DLQ, retrying until the broker acknowledges it (see the module
+    /// docs for what happens to a record too large for the DLQ topic).
     pub async fn send(
         &self,
         record: &Record,
@@ -75,42 +335,128 @@ impl DeadLetters {
         trace: &HashMap<String, String>,
         hard_stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
-        let headers = self.headers(record, attempts, error, trace);
+        let mut shape = Shape::Full;
+        let mut blocked = Blocked {
+            health: &self.health,
+            class: None,
+        };
         let mut backoff = Backoff::from_config(&self.retry);
+        let mut transient_failures = 0u32;
         loop {
-            let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers.clone());
-            if let Some(k) = &record.key {
+            let headers = self.headers(record, attempts, error, trace, shape);
+            let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+            if let (Some(k), Shape::Full | Shape::NoValue) = (&record.key, shape) {
                 out = out.key(k.as_ref());
             }
-            if let Some(v) = &record.value {
+            if let (Some(v), Shape::Full) = (&record.value, shape) {
                 out = out.payload(v.as_ref());
             }
             let sent = tokio::select! {
                 r = self.producer.send(out, Timeout::After(Duration::from_secs(30))) => r,
                 _ = hard_stop.cancelled() => return Err(Interrupted),
             };
-            match sent {
-                Ok(_) => return Ok(()),
-                Err((e, _)) => {
-                    let delay = backoff.next_delay();
-                    tracing::error!(
+            let e = match sent {
+                Ok(_) => {
+                    self.written(record, shape, blocked);
+                    return Ok(());
+                }
+                Err((e, _)) => e,
+            };
+            let class = WriteError::classify(&e);
+            self.metrics
+                .dlq_errors
+                .get_or_create(&DlqErrorLabels {
+                    class: class.as_str().to_string(),
+                })
+                .inc();
+            // A record without a value (tombstone) has nothing to drop but its key and headers.
+            let smaller = match shape.smaller() {
+                Some(Shape::NoValue) if record.value.is_none() => Some(Shape::Stripped),
+                next => next,
+            };
+            if let (WriteError::TooLarge, Some(smaller)) = (class, smaller) {
+                self.log_too_large(record, smaller, &e);
+                shape = smaller;
+                continue;
+            }
+            let delay = backoff.next_delay();
+            if class == WriteError::Transient {
+                transient_failures += 1;
+                if transient_failures == 1 || transient_failures % 20 == 0 {
+                    tracing::warn!(
                         dlq_topic = %self.topic, topic = %record.topic, partition = record.partition,
-                        offset = record.offset, error = %e, retry_in = ?delay,
+                        offset = record.offset, error = %e, failures = transient_failures, retry_in = ?delay,
                         "failed to write a record to the dead-letter topic; retrying (the record stays unfinished)"
                     );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = hard_stop.cancelled() => return Err(Interrupted),
-                    }
                 }
+            } else if blocked.set(class) {
+                tracing::error!(
+                    dlq_topic = %self.topic, topic = %record.topic, partition = record.partition,
+                    offset = record.offset, error = %e, error_class = class.as_str(), fix = %class.fix(&self.topic),
+                    "cannot write to the dead-letter topic; the record is kept (its lane is blocked and its \
+                     offset not committed) and retried with backoff; not ready until a write succeeds"
+                );
+            }
+            self.metrics.dlq_blocked_records.set(self.blocked_gauge());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = hard_stop.cancelled() => return Err(Interrupted),
             }
         }
     }
 
-    fn headers(&self, r: &Record, attempts: u32, error: &ErrorInfo, trace: &HashMap<String, String>) -> OwnedHeaders {
-        let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
+    /// Bookkeeping after an acknowledged write.
+    fn written(&self, record: &Record, shape: Shape, blocked: Blocked<'_>) {
+        if shape != Shape::Full {
+            self.health.values_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.dlq_values_dropped.inc();
+        }
+        if blocked.written() {
+            tracing::info!(dlq_topic = %self.topic, topic = %record.topic, partition = record.partition,
+                offset = record.offset, "dead-letter writes succeed again");
+        }
+        self.metrics.dlq_blocked_records.set(self.blocked_gauge());
+    }
+
+    fn blocked_gauge(&self) -> i64 {
+        i64::try_from(self.health.status().blocked_records).unwrap_or(i64::MAX)
+    }
+
+    /// Logs the first record dead-lettered in each smaller shape with the fix; later ones at debug.
+    fn log_too_large(&self, record: &Record, smaller: Shape, e: &KafkaError) {
+        let first = !self.warned_too_large[usize::from(smaller == Shape::Stripped)].swap(true, Ordering::Relaxed);
+        let dropped = smaller.dropped().unwrap_or_default();
+        if first {
+            tracing::warn!(
+                dlq_topic = %self.topic, topic = %record.topic, partition = record.partition, offset = record.offset,
+                error = %e, dropped,
+                fix = "raise max.message.bytes of the DLQ topic (and message.max.bytes in [dlq.properties]) \
+                       above the largest source record plus about 1 KiB of x-dlq headers",
+                "record too large for the dead-letter topic; writing it without its {dropped} \
+                 (header x-dlq-dropped; replay it from its source topic, partition and offset). Logged once"
+            );
+        } else {
+            tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset, dropped,
+                "record too large for the dead-letter topic; writing it without its {dropped}");
+        }
+    }
+
+    fn headers(
+        &self,
+        r: &Record,
+        attempts: u32,
+        error: &ErrorInfo,
+        trace: &HashMap<String, String>,
+        shape: Shape,
+    ) -> OwnedHeaders {
+        let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + 9);
+        let original = if shape == Shape::Stripped {
+            &[][..]
+        } else {
+            &r.headers[..]
+        };
         // Original headers, except a trace context replaced by the delivery span's.
-        for (name, value) in r.headers.iter().filter(|(name, _)| !trace.contains_key(name)) {
+        for (name, value) in original.iter().filter(|(name, _)| !trace.contains_key(name)) {
             h = h.insert(Header {
                 key: name,
                 value: value.as_deref(),
@@ -123,6 +469,10 @@ impl DeadLetters {
             });
         }
         let ts = r.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+        let message = match shape {
+            Shape::Stripped => truncate(&error.message, STRIPPED_MESSAGE_MAX).to_string(),
+            _ => error.message.clone(),
+        };
         let fields = [
             (headers::SOURCE_TOPIC, r.topic.to_string()),
             (headers::SOURCE_PARTITION, r.partition.to_string()),
@@ -131,12 +481,18 @@ impl DeadLetters {
             (headers::CONSUMER_GROUP, self.group.clone()),
             (headers::ATTEMPTS, attempts.to_string()),
             (headers::ERROR_CLASS, error.class.clone()),
-            (headers::ERROR_MESSAGE, error.message.clone()),
+            (headers::ERROR_MESSAGE, message),
         ];
         for (key, value) in &fields {
             h = h.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
+            });
+        }
+        if let Some(dropped) = shape.dropped() {
+            h = h.insert(Header {
+                key: headers::DROPPED,
+                value: Some(dropped.as_bytes()),
             });
         }
         h
@@ -147,5 +503,99 @@ impl DeadLetters {
         if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
             tracing::warn!(error = %e, "DLQ producer did not flush in time");
         }
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn produce_error(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn producer_errors_are_classified() {
+        use RDKafkaErrorCode as C;
+        let cases = [
+            (C::MessageSizeTooLarge, "message_too_large"),
+            (C::MessageBatchTooLarge, "message_too_large"),
+            (C::TopicAuthorizationFailed, "authorization"),
+            (C::ClusterAuthorizationFailed, "authorization"),
+            (C::UnknownTopicOrPartition, "unknown_topic"),
+            (C::UnknownTopic, "unknown_topic"),
+            (C::UnknownPartition, "unknown_topic"),
+            (C::InvalidRecord, "invalid_record"),
+            (C::MessageTimedOut, "transient"),
+            (C::NotLeaderForPartition, "transient"),
+            (C::AllBrokersDown, "transient"),
+        ];
+        for (code, class) in cases {
+            assert_eq!(WriteError::classify(&produce_error(code)).as_str(), class, "{code:?}");
+        }
+        assert!(WriteError::UnknownTopic
+            .fix("dead")
+            .contains("create the DLQ topic dead"));
+    }
+
+    #[test]
+    fn health_counts_blocked_records_per_cause_and_logs_each_cause_once() {
+        let health = DlqHealth::new("dlq");
+        assert!(health.healthy());
+        let mut a = Blocked {
+            health: &health,
+            class: None,
+        };
+        let mut b = Blocked {
+            health: &health,
+            class: None,
+        };
+        assert!(a.set(WriteError::UnknownTopic), "a new cause is logged");
+        assert!(!a.set(WriteError::UnknownTopic));
+        assert!(
+            !b.set(WriteError::UnknownTopic),
+            "the same cause for another record is not"
+        );
+        let status = health.status();
+        assert!(!status.healthy);
+        assert_eq!(status.error_class, Some("unknown_topic"));
+        assert_eq!(status.blocked_records, 2);
+        assert!(status.fix.is_some_and(|f| f.contains("create the DLQ topic dlq")));
+        assert!(b.set(WriteError::Authorization), "a changed cause is logged");
+        assert_eq!(health.status().blocked_records, 2);
+        assert!(!a.written(), "b is still blocked");
+        drop(b);
+        let status = health.status();
+        assert!(status.healthy, "a write given up at shutdown unblocks too");
+        assert_eq!((status.error_class, status.blocked_records), (None, 0));
+        let mut c = Blocked {
+            health: &health,
+            class: None,
+        };
+        assert!(
+            c.set(WriteError::UnknownTopic),
+            "after a recovery a cause is logged again"
+        );
+    }
+
+    #[test]
+    fn shapes_shrink_value_first_then_key_and_headers() {
+        assert_eq!(Shape::Full.dropped(), None);
+        assert_eq!(Shape::Full.smaller(), Some(Shape::NoValue));
+        assert_eq!(Shape::NoValue.dropped(), Some("value"));
+        assert_eq!(Shape::NoValue.smaller(), Some(Shape::Stripped));
+        assert_eq!(Shape::Stripped.dropped(), Some("value,key,headers"));
+        assert_eq!(Shape::Stripped.smaller(), None);
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
     }
 }

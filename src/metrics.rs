@@ -48,6 +48,12 @@ pub struct DedupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DlqErrorLabels {
+    /// message_too_large, authorization, unknown_topic, invalid_record or transient.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommitLabels {
     /// ok or error.
     pub result: String,
@@ -77,6 +83,9 @@ pub struct Metrics {
     pub dedup_errors: Family<DedupLabels, Counter>,
     pub dedup_bypassed: Counter,
     pub dedup_key_fallbacks: Counter,
+    pub dlq_errors: Family<DlqErrorLabels, Counter>,
+    pub dlq_values_dropped: Counter,
+    pub dlq_blocked_records: Gauge,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -203,7 +212,28 @@ impl Metrics {
             "Records whose configured idempotency key source was missing, so the offset was used",
             dedup_key_fallbacks.clone(),
         );
+        let dlq_errors = Family::<DlqErrorLabels, Counter>::default();
+        registry.register(
+            "dlq_errors",
+            "Failed writes to the dead-letter topic, by class (message_too_large, authorization, unknown_topic, invalid_record, transient)",
+            dlq_errors.clone(),
+        );
+        let dlq_values_dropped = Counter::default();
+        registry.register(
+            "dlq_values_dropped",
+            "Records dead-lettered without their value (header x-dlq-dropped) because they were too large for the DLQ topic",
+            dlq_values_dropped.clone(),
+        );
+        let dlq_blocked_records = Gauge::default();
+        registry.register(
+            "dlq_blocked_records",
+            "Records kept unfinished because the dead-letter topic refuses them (unknown topic, authorization, ...)",
+            dlq_blocked_records.clone(),
+        );
         Self {
+            dlq_errors,
+            dlq_values_dropped,
+            dlq_blocked_records,
             batch_size,
             dedup_seconds,
             dedup_errors,

@@ -18,11 +18,20 @@
 //!    Requests already in flight when the limit drops are not cancelled: new ones wait
 //!    until the number in flight is below the new limit.
 //!
+//! Per-key state is bounded by count: keys are tracked by a 64-bit keyed hash (8 bytes each,
+//! however long the record key), at most `per_key_max_keys` of them; states that are as good
+//! as fresh are dropped every second. When the table is full, records of untracked keys share
+//! one extra state: together they get one key's rate, so no key ever exceeds its rate, memory
+//! stays bounded under a flood of distinct keys, and nothing waits forever (the table frees up
+//! as keys go idle). Two keys with the same hash (odds about n²/2⁶⁵) share a rate the same way.
+//!
 //! Waiting happens inside the worker that holds the record: a worker slot stays taken, so
 //! the pipeline's in-flight bound fills up and the partitions pause. Nothing is spawned
 //! and nothing is queued besides the records already in memory. Timeouts, connection
 //! errors and other 5xx do not change the limits here: the circuit breaker handles them.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,8 +40,8 @@ use std::time::Duration;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{InsufficientCapacity, NotUntil, Quota};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -65,6 +74,10 @@ pub struct RateLimitConfig {
     /// Burst for one record key. 0: one second's worth of `per_key_records_per_second`
     /// (at least 1).
     pub per_key_burst: u32,
+    /// Most record keys with their own per-key rate state in memory (about 20 bytes each).
+    /// Beyond it, records of untracked keys share one key's rate until idle keys are
+    /// dropped (every second), so memory stays bounded however many distinct keys arrive.
+    pub per_key_max_keys: usize,
     /// Adapt to the app: on 429 or 503 lower the number of concurrent deliveries and hold
     /// every new delivery until the app's `Retry-After`; raise it again while the app answers
     /// 2xx. Off: concurrency stays at `pipeline.workers` and only the retried record waits.
@@ -91,6 +104,7 @@ impl Default for RateLimitConfig {
             burst: 0,
             per_key_records_per_second: 0.0,
             per_key_burst: 0,
+            per_key_max_keys: 100_000,
             adaptive: true,
             min_concurrency: 1,
             decrease_factor: 0.5,
@@ -117,6 +131,9 @@ impl RateLimitConfig {
         if self.min_concurrency == 0 {
             bad("min_concurrency", "must be at least 1");
         }
+        if self.per_key_max_keys == 0 {
+            bad("per_key_max_keys", "must be at least 1");
+        }
         if !(self.decrease_factor > 0.0 && self.decrease_factor < 1.0) {
             bad("decrease_factor", "must be between 0 and 1 (exclusive)");
         }
@@ -139,8 +156,106 @@ impl Clock for TokioClock {
 }
 
 type DirectLimiter = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
-type KeyedLimiter = governor::RateLimiter<Vec<u8>, DashMapStateStore<Vec<u8>>, TokioClock, NoOpMiddleware<Nanos>>;
+type KeyedLimiter = governor::RateLimiter<u64, BoundedKeys, TokioClock, NoOpMiddleware<Nanos>>;
 type Check = Result<Result<(), NotUntil<Nanos>>, InsufficientCapacity>;
+
+/// Per-key GCRA states (theoretical arrival times, in ns since the limiter's start), keyed by
+/// the hash of the record key, at most `max` of them; keys beyond share `overflow`.
+#[derive(Debug)]
+struct BoundedKeys {
+    max: usize,
+    inner: Mutex<KeyStates>,
+}
+
+#[derive(Debug, Default)]
+struct KeyStates {
+    /// 0 means "no state" (as in governor's own stores).
+    by_key: HashMap<u64, u64>,
+    overflow: u64,
+    /// The table was full and the overflow state was used (logged once until it empties).
+    overflowed: bool,
+}
+
+impl BoundedKeys {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            inner: Mutex::new(KeyStates::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, KeyStates> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl StateStore for BoundedKeys {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut states = self.lock();
+        let KeyStates {
+            by_key,
+            overflow,
+            overflowed,
+        } = &mut *states;
+        let full = by_key.len() >= self.max;
+        let slot = match by_key.get_mut(key) {
+            Some(tat) => tat,
+            None if full => {
+                if !std::mem::replace(overflowed, true) {
+                    tracing::warn!(
+                        keys = self.max,
+                        "per-key rate table full: records of further keys share one key's rate until \
+                         keys go idle; raise rate_limit.per_key_max_keys if this is normal traffic"
+                    );
+                }
+                overflow
+            }
+            None => by_key.entry(*key).or_insert(0),
+        };
+        let previous = (*slot != 0).then(|| Nanos::from(*slot));
+        match f(previous) {
+            Ok((result, tat)) => {
+                // A stored 0 would read back as "no state"; 1 ns later is the same state.
+                *slot = u64::from(tat).max(1);
+                Ok(result)
+            }
+            Err(e) => {
+                if previous.is_none() && !full {
+                    by_key.remove(key);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for BoundedKeys {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let drop_below = u64::from(drop_below);
+        let mut states = self.lock();
+        states.by_key.retain(|_, tat| *tat > drop_below);
+        if states.by_key.len() < self.max {
+            states.overflowed = false;
+        }
+    }
+
+    fn shrink_to_fit(&self) {
+        self.lock().by_key.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.lock().by_key.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().by_key.is_empty()
+    }
+}
 
 /// A GCRA limiter and its burst (the most cells one check may take).
 #[derive(Debug)]
@@ -313,6 +428,9 @@ pub struct RateLimiter {
     clock: TokioClock,
     global: Option<Limit<DirectLimiter>>,
     per_key: Option<Limit<KeyedLimiter>>,
+    /// Hashes record keys for the per-key states (keyed per process: collisions cannot be
+    /// chosen by producers).
+    key_hasher: RandomState,
     concurrency: Option<Arc<Concurrency>>,
     /// No delivery starts before this instant (the app's `Retry-After`).
     pause_until: Mutex<Option<Instant>>,
@@ -332,12 +450,13 @@ impl RateLimiter {
             burst,
         });
         let per_key = quota(cfg.per_key_records_per_second, cfg.per_key_burst).map(|(q, burst)| Limit {
-            limiter: KeyedLimiter::dashmap_with_clock(q, clock.clone()),
+            limiter: KeyedLimiter::new(q, BoundedKeys::new(cfg.per_key_max_keys), clock.clone()),
             burst,
         });
         Self {
             global,
             per_key,
+            key_hasher: RandomState::new(),
             concurrency: cfg.adaptive.then(|| Arc::new(Concurrency::new(workers, cfg))),
             pause_until: Mutex::new(None),
             max_retry_after: cfg.max_retry_after,
@@ -355,7 +474,7 @@ impl RateLimiter {
         self.wait_for_pause().await;
         if let (Some(per_key), Some(key)) = (&self.per_key, key) {
             self.forget_idle_keys(&per_key.limiter);
-            let key = key.to_vec();
+            let key = self.key_hasher.hash_one(key);
             take_cells(&self.clock, n, per_key.burst, |c| per_key.limiter.check_key_n(&key, c)).await;
         }
         if let Some(global) = &self.global {
@@ -566,6 +685,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn per_key_states_are_bounded_by_count_and_untracked_keys_share_one_rate() {
+        let c = RateLimitConfig {
+            per_key_records_per_second: 1.0,
+            per_key_burst: 1,
+            per_key_max_keys: 100,
+            ..cfg()
+        };
+        let limiter = RateLimiter::new(&c, 8);
+        let start = Instant::now();
+        for i in 0..100u32 {
+            let _permit = limiter.acquire(Some(&i.to_be_bytes()), 1).await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "100 fresh keys pass at once");
+        assert_eq!(limiter.tracked_keys(), 100);
+        let _first = limiter.acquire(Some(b"new-1"), 1).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        let _second = limiter.acquire(Some(b"new-2"), 1).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "keys beyond the bound share one key's rate: {:?}",
+            start.elapsed()
+        );
+        assert!(limiter.tracked_keys() <= 100, "{}", limiter.tracked_keys());
+        let tracked = Instant::now();
+        let _again = limiter.acquire(Some(&7u32.to_be_bytes()), 1).await;
+        assert!(
+            tracked.elapsed() < Duration::from_secs(2),
+            "the table frees up as keys go idle"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_429_halves_the_limit_and_retry_after_holds_every_start() {
         let limiter = RateLimiter::new(&cfg(), 16);
         assert_eq!(limiter.current_limit(), 16);
@@ -717,6 +868,7 @@ mod tests {
             per_key_records_per_second: f64::NAN,
             min_concurrency: 0,
             decrease_factor: 1.0,
+            per_key_max_keys: 0,
             ..cfg()
         };
         let mut issues = Vec::new();
@@ -728,6 +880,7 @@ mod tests {
                 "rate_limit.records_per_second",
                 "rate_limit.per_key_records_per_second",
                 "rate_limit.min_concurrency",
+                "rate_limit.per_key_max_keys",
                 "rate_limit.decrease_factor"
             ]
         );

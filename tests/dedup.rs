@@ -219,3 +219,105 @@ async fn a_redis_restart_mid_stream_with_on_error_pause_loses_nothing_and_duplic
         "the outage is logged"
     );
 }
+
+/// Deletes a topic and waits until the brokers no longer list it.
+async fn delete_topic(name: &str) {
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[name], &opts).await.expect("delete_topics") {
+        r.unwrap_or_else(|(t, e)| panic!("failed to delete topic {t}: {e}"));
+    }
+    let gone = wait_until(MINUTE, || {
+        admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(5))
+            .map(|m| m.topics().iter().all(|t| t.partitions().is_empty()))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(gone, "topic {name} still listed a minute after its deletion");
+}
+
+/// Creates a topic again after its deletion (the broker refuses while the deletion is still
+/// being carried out).
+async fn recreate_topic(name: &str) {
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let topic = rdkafka::admin::NewTopic::new(name, 1, rdkafka::admin::TopicReplication::Fixed(1));
+        let result = admin.create_topics(&[topic], &opts).await.expect("create_topics");
+        match result.into_iter().next().expect("one result") {
+            Ok(_) => return,
+            Err((t, e)) if std::time::Instant::now() > deadline => panic!("failed to re-create topic {t}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_and_recreated_topic_is_delivered_again_with_offset_dedup() {
+    require_kafka();
+    require_redis(SHARED_REDIS);
+    let topic = unique("dedup-recreated");
+    create_topic(&topic, 1).await;
+    let values = |tag: &str| -> Vec<Out> {
+        (0..5)
+            .map(|i| Out::keyed(format!("k{i}"), format!("{tag}-{i}")))
+            .collect()
+    };
+    produce(&topic, values("old")).await;
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let mut cfg = SidecarConfig::new(&topic, &app);
+    let port = free_port();
+    cfg.admin_port = Some(port);
+    cfg.extra = dedup_section(SHARED_REDIS, "offset");
+    let mut first = Sidecar::start(&cfg);
+    assert_committed_to_end(&cfg.group, &topic, 1).await;
+    first.signal(Signal::SIGTERM);
+    let status = first.wait_exit(MINUTE).await.expect("the first sidecar exits");
+    assert!(status.success(), "{status:?}\n{}", first.log());
+    assert_eq!(app.delivered_count(), 5, "the first incarnation is delivered");
+
+    // Same topic name, same group, same offsets 0..4: only the records are new.
+    delete_topic(&topic).await;
+    recreate_topic(&topic).await;
+    produce(&topic, values("new")).await;
+    let second = Sidecar::start(&cfg);
+    let delivered_new = || {
+        app.delivered()
+            .iter()
+            .filter(|r| r.value_str().starts_with("new-"))
+            .map(Request::id)
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert!(
+        wait_until(MINUTE, || delivered_new() == 5).await,
+        "records of the re-created topic were not delivered ({} of 5); delivered: {:?}\n{}",
+        delivered_new(),
+        app.delivered()
+            .iter()
+            .map(|r| (r.offset, r.value_str()))
+            .collect::<Vec<_>>(),
+        second.log()
+    );
+    assert_committed_to_end(&cfg.group, &topic, 1).await;
+    let metrics = http_get(&format!("http://127.0.0.1:{port}/metrics")).await.1;
+    let deduplicated = metric(
+        &metrics,
+        "kafka_sidecar_records_total",
+        &[("topic", &topic), ("outcome", "deduplicated")],
+    );
+    assert_eq!(
+        deduplicated.unwrap_or(0.0),
+        0.0,
+        "nothing of the new incarnation is a duplicate"
+    );
+}

@@ -42,7 +42,7 @@ pub struct DedupConfig {
     /// `SSL_CERT_FILE`). Cluster mode always uses the system trust store.
     #[serde(deserialize_with = "lenient_string")]
     pub tls_ca_file: String,
-    /// Where the idempotency key comes from: "offset" (topic/partition/offset: catches
+    /// Where the idempotency key comes from: "offset" (topic/partition/offset/timestamp: catches
     /// redelivery after a crash or rebalance), "key" (the record key), "value_hash" (SHA-256
     /// of the value) or `"header:<name>"` (a record header, e.g. "header:idempotency-key").
     /// A record without that key, value or header falls back to its offset (counted).

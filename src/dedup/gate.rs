@@ -6,6 +6,11 @@
 //! record with the same key waits until the first is done (then it is a duplicate) or
 //! released (then it claims the key itself). Every store call is timed and its errors are
 //! counted for the metrics.
+//!
+//! Bounded by count: a key is in the map only from its record's claim until that record is
+//! marked done, released (failed, revoked) or found a duplicate, and each record holds at
+//! most one key, so the map never holds more keys than records in flight
+//! (`pipeline.max_in_flight_records`), however many distinct keys stream through.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +61,11 @@ impl Gate {
 
     pub fn on_error(&self) -> OnError {
         self.on_error
+    }
+
+    /// Keys held by records of this process right now (at most the records in flight).
+    pub fn held_keys(&self) -> usize {
+        self.lock().len()
     }
 
     /// Where the keys live (for logs).

@@ -1,4 +1,11 @@
 //! Idempotency keys: where a record's key comes from and how it is made safe to send.
+//!
+//! The offset key is `{topic}/{partition}/{offset}/{timestamp}` (timestamp in ms since the
+//! epoch, omitted only for a record without one). Offsets alone repeat when a topic is
+//! deleted and created again (the new incarnation starts at offset 0 again); with the
+//! timestamp a record of the new incarnation never matches a done key of the old one, so it
+//! is delivered instead of being skipped as a duplicate. librdkafka does not hand consumers
+//! the topic id, so the timestamp is what tells the incarnations apart.
 
 use sha2::{Digest, Sha256};
 
@@ -11,7 +18,7 @@ const MAX_RAW_KEY_LEN: usize = 200;
 /// Where a record's idempotency key comes from (`dedup.key`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    /// `{topic}/{partition}/{offset}`.
+    /// `{topic}/{partition}/{offset}/{timestamp}` (see [`offset_key`]).
     Offset,
     /// The record key.
     Key,
@@ -56,7 +63,7 @@ pub fn idempotency_key(cfg: &DedupConfig, record: &Record) -> String {
 /// Record keys and header values made of at most 200 visible ASCII characters are used as
 /// they are (an app can match them against its own idempotency table); others become
 /// `sha256:<hex of their bytes>`. A missing or empty key or header, or a null value, falls
-/// back to `{topic}/{partition}/{offset}`.
+/// back to the offset key.
 pub fn derive_key(source: &KeySource, record: &Record) -> DerivedKey {
     let raw: Option<&[u8]> = match source {
         KeySource::Offset => None,
@@ -82,9 +89,20 @@ pub fn derive_key(source: &KeySource, record: &Record) -> DerivedKey {
             fallback: false,
         },
         None => DerivedKey {
-            key: format!("{}/{}/{}", record.topic, record.partition, record.offset),
+            key: offset_key(record),
             fallback: *source != KeySource::Offset,
         },
+    }
+}
+
+/// `{topic}/{partition}/{offset}/{timestamp ms}`, or `{topic}/{partition}/{offset}` for a
+/// record without a timestamp. The timestamp keeps the keys of a deleted and re-created
+/// topic apart (its offsets start at 0 again). Topic names cannot contain `/`, so the parts
+/// never run into each other.
+pub fn offset_key(record: &Record) -> String {
+    match record.timestamp_ms {
+        Some(ts) => format!("{}/{}/{}/{ts}", record.topic, record.partition, record.offset),
+        None => format!("{}/{}/{}", record.topic, record.partition, record.offset),
     }
 }
 
@@ -109,7 +127,7 @@ mod tests {
             topic: Arc::from("orders"),
             partition: 3,
             offset: 42,
-            timestamp_ms: None,
+            timestamp_ms: Some(1_700_000_000_123),
             key: key.map(Bytes::copy_from_slice),
             value: value.map(Bytes::copy_from_slice),
             headers: headers
@@ -133,7 +151,7 @@ mod tests {
 
     fn fell_back() -> DerivedKey {
         DerivedKey {
-            key: "orders/3/42".into(),
+            key: "orders/3/42/1700000000123".into(),
             fallback: true,
         }
     }
@@ -153,16 +171,38 @@ mod tests {
     }
 
     #[test]
-    fn the_offset_key_is_topic_partition_offset_and_is_never_a_fallback() {
+    fn the_offset_key_is_topic_partition_offset_timestamp_and_is_never_a_fallback() {
         let r = record(Some(b"k"), Some(b"v"), &[]);
         assert_eq!(
             derived("offset", &r),
             DerivedKey {
-                key: "orders/3/42".into(),
+                key: "orders/3/42/1700000000123".into(),
                 fallback: false
             }
         );
-        assert_eq!(idempotency_key(&DedupConfig::default(), &r), "orders/3/42");
+        assert_eq!(
+            idempotency_key(&DedupConfig::default(), &r),
+            "orders/3/42/1700000000123"
+        );
+        let no_timestamp = Record {
+            timestamp_ms: None,
+            ..r
+        };
+        assert_eq!(derived("offset", &no_timestamp).key, "orders/3/42");
+    }
+
+    #[test]
+    fn a_recreated_topic_reusing_an_offset_gets_a_new_offset_key() {
+        let old = record(None, Some(b"v"), &[]);
+        let new = Record {
+            timestamp_ms: Some(1_700_000_900_000),
+            ..old.clone()
+        };
+        assert_eq!(
+            (old.topic.clone(), old.partition, old.offset),
+            (new.topic.clone(), new.partition, new.offset)
+        );
+        assert_ne!(derived("offset", &old), derived("offset", &new));
     }
 
     #[test]
