@@ -12,11 +12,15 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use figment::providers::{Format, Serialized, Toml};
-use figment::value::{Dict, Value};
 use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub mod duration;
+mod env;
+pub mod redact;
+
+pub use self::redact::url as redact_url;
 pub use crate::breaker::BreakerConfig;
 pub use crate::dedup::DedupConfig;
 pub use crate::ratelimit::RateLimitConfig;
@@ -83,13 +87,13 @@ pub struct KafkaConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub auto_offset_reset: String,
     /// Group session timeout: a member silent this long is removed from the group.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub session_timeout: Duration,
     /// How often the finished-offset watermark is committed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub commit_interval: Duration,
     /// On partition revoke: how long to wait for in-flight work of the revoked partitions before committing.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub revoke_drain_timeout: Duration,
     /// Any librdkafka consumer property, passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
     /// They override the settings above. Secrets here are redacted by `check-config`.
@@ -134,10 +138,10 @@ pub struct AppConfig {
     /// "single" (one record per request) or "batch" (JSON envelope, see README).
     pub mode: DeliveryMode,
     /// Timeout of one delivery request; a timeout is retried like a 5xx.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub timeout: Duration,
     /// Timeout for establishing a TCP connection to the app.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// Readiness gate: when set, the sidecar joins the consumer group only after a GET here
     /// answers 2xx (so it never consumes before the app can take records). Empty: no gate.
@@ -208,7 +212,7 @@ pub struct BatchConfig {
     /// Maximum bytes of record data in one batch request.
     pub max_bytes: ByteSize,
     /// How long to wait for a batch to fill before sending it anyway.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub linger: Duration,
 }
 
@@ -228,10 +232,10 @@ pub struct RetryConfig {
     /// Attempts for a record answered with a retryable status or timing out; then it is dead-lettered.
     pub max_attempts: u32,
     /// First backoff; each retry doubles it (full jitter), up to `max_backoff`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub initial_backoff: Duration,
     /// Cap of the retry backoff (also of `Retry-After` and of outage probing).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_backoff: Duration,
     /// HTTP statuses that mark a record as poison: dead-lettered at once, never retried.
     pub non_retryable_statuses: Vec<u16>,
@@ -263,7 +267,7 @@ pub struct DlqConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// On SIGTERM: time to finish records already read before committing and leaving the group.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub grace_period: Duration,
 }
 
@@ -282,7 +286,7 @@ pub struct AdminConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
     /// How often consumer lag (partition end offsets) is refreshed, even when no records flow.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub lag_interval: Duration,
 }
 
@@ -361,7 +365,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             match std::fs::read_to_string(path) {
-                Ok(text) => figment = figment.merge(Toml::string(&text)),
+                Ok(text) => match toml_syntax_error(&text) {
+                    None => figment = figment.merge(Toml::string(&text)),
+                    Some(issue) => issues.push(issue),
+                },
                 Err(e) => issues.push(ConfigIssue {
                     key: "--config".into(),
                     reason: format!("cannot read {}: {e}", path.display()),
@@ -369,7 +376,7 @@ impl Config {
             }
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
-        figment = figment.merge(Serialized::defaults(env_dict(&env)));
+        figment = figment.merge(Serialized::defaults(env::env_dict(&env)));
 
         let config = extract_sections(&figment, &mut issues);
         if let Some(config) = &config {
@@ -484,98 +491,63 @@ impl Config {
                 "must be an address like \"0.0.0.0:9464\" (or empty to disable)",
             );
         }
+        validate_properties("kafka", &self.kafka.properties, issues);
+        validate_properties("dlq", &self.dlq.properties, issues);
     }
 
-    /// The effective configuration as TOML, with secrets replaced by `"<redacted>"`.
+    /// The effective configuration as TOML, with secrets replaced by `"<redacted>"` (see
+    /// [`redact`]): secret-named and unknown librdkafka properties, secret-named headers,
+    /// URL userinfo, and then any secret value wherever else it appears.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
         for props in [&mut c.kafka.properties, &mut c.dlq.properties] {
             for (key, value) in props.iter_mut() {
-                if is_secret_property(key) {
-                    *value = REDACTED.into();
-                }
+                *value = redact::property_value(key, value);
             }
         }
-        c.app.url = redact_url(&c.app.url);
-        c.dedup = c.dedup.redacted();
         for (name, value) in c.app.headers.iter_mut() {
-            let n = name.to_ascii_lowercase();
-            if n.contains("auth") || n.contains("token") || n.contains("key") || n.contains("secret") {
-                *value = REDACTED.into();
-            }
+            *value = redact::header_value(name, value);
         }
-        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        c.app.url = redact::url(&c.app.url);
+        c.app.health_url = redact::url(&c.app.health_url);
+        c.telemetry.otlp_endpoint = redact::url(&c.telemetry.otlp_endpoint);
+        c.dedup = c.dedup.redacted();
+        let text = toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        redact::Scrubber::from_config(self).scrub(&text).into_owned()
     }
 }
 
-const REDACTED: &str = "<redacted>";
-
-fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "sasl.oauthbearer.config",
-        "sasl.username",
-        "ssl.key.pem",
-        "token",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-}
-
-/// Hides the password of `scheme://user:password@host` URLs.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(REDACTED));
-            u.to_string()
+/// librdkafka checks each property name and value as it is set: do that at load so a typo
+/// is an invalid config naming its key, and the error never shows the value.
+fn validate_properties(section: &str, props: &BTreeMap<String, String>, issues: &mut Vec<ConfigIssue>) {
+    for (name, value) in props {
+        let checked = rdkafka::ClientConfig::new().set(name, value).create_native_config();
+        if let Err(e) = checked {
+            issues.push(ConfigIssue {
+                key: format!("{section}.properties.{name}"),
+                reason: redact::kafka_config_reason(&e),
+            });
         }
-        _ => url.to_string(),
     }
 }
 
-/// `KAFKA_SIDECAR_<SECTION>__<KEY>=value` as nested config values (see [`env_value`]);
-/// librdkafka properties stay strings and
-/// `_` in their names stands for `.` (`..._PROPERTIES__SASL_PASSWORD` → `sasl.password`).
-fn env_dict(env: &[(String, String)]) -> Dict {
-    let mut root = Dict::new();
-    for (key, raw) in env {
-        let Some(rest) = key.strip_prefix(ENV_PREFIX).filter(|r| r.contains("__")) else {
-            continue;
-        };
-        let (path, value): (Vec<String>, Value) = match rest.strip_prefix("KAFKA__PROPERTIES__") {
-            Some(name) => (
-                vec![
-                    "kafka".into(),
-                    "properties".into(),
-                    name.to_ascii_lowercase().replace('_', "."),
-                ],
-                Value::from(raw.clone()),
-            ),
-            None => (rest.split("__").map(str::to_ascii_lowercase).collect(), env_value(raw)),
-        };
-        insert_path(&mut root, &path, value);
-    }
-    root
-}
-
-/// Parsed like a TOML scalar or array (`7`, `true`, `[400, 422]`); string fields accept
-/// numbers too (see [`lenient_string`]), so `GROUP_ID=1234` works.
-fn env_value(raw: &str) -> Value {
-    raw.parse().unwrap_or_else(|_| Value::from(raw.to_string()))
-}
-
-fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
-    let [first, rest @ ..] = path else { return };
-    if rest.is_empty() {
-        dict.insert(first.clone(), value);
-        return;
-    }
-    let child = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
-    if let Value::Dict(_, d) = child {
-        insert_path(d, rest, value);
-    }
+/// A TOML syntax error as an issue with its line and column. The parser's own message
+/// quotes the offending line, which may hold a secret, so only its description is kept.
+fn toml_syntax_error(text: &str) -> Option<ConfigIssue> {
+    let e = text.parse::<toml::Table>().err()?;
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        }
+        None => String::new(),
+    };
+    Some(ConfigIssue {
+        key: "config file".into(),
+        reason: format!("is not valid TOML{at}: {}", e.message().trim_end()),
+    })
 }
 
 /// Extracts each section on its own so that errors in several sections are all reported.
@@ -648,6 +620,7 @@ fn push_figment_errors(error: figment::Error, section: &str, issues: &mut Vec<Co
         } else {
             path.join(".")
         };
+        let reason = redact::config_reason(&key, reason);
         issues.push(ConfigIssue { key, reason });
     }
 }
@@ -877,6 +850,54 @@ mod tests {
         assert!(
             missing.is_empty(),
             "config keys missing from config.toml.example: {missing:?}"
+        );
+    }
+
+    /// Same value, allowing for different spellings of a duration or a size.
+    fn same_setting(a: &toml::Value, b: &toml::Value) -> bool {
+        if a == b {
+            return true;
+        }
+        match (a.as_str(), b.as_str()) {
+            (Some(x), Some(y)) => {
+                let d = |t: &str| humantime::parse_duration(t).ok();
+                let size = |t: &str| t.parse::<ByteSize>().ok();
+                (d(x).is_some() && d(x) == d(y)) || (size(x).is_some() && size(x) == size(y))
+            }
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn config_example_shows_defaults_and_marks_every_other_value_as_an_example() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut section: Vec<String> = Vec::new();
+        let (mut checked, mut unmarked) = (0, Vec::new());
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.split('.').map(str::to_string).collect();
+                continue;
+            }
+            let Some((key, _)) = line.split_once(" = ").filter(|_| !line.starts_with('#')) else {
+                continue;
+            };
+            let parsed: toml::Table = toml::from_str(&line.replacen(key, "v", 1)).unwrap();
+            let mut default = Some(&defaults);
+            for part in section.iter().map(String::as_str).chain([key]) {
+                default = default.and_then(|d| d.get(part));
+            }
+            let default = default.unwrap_or_else(|| panic!("{key} in [{}] is not a config key", section.join(".")));
+            checked += 1;
+            if !same_setting(&parsed["v"], default) && !line.contains("# example; default: ") {
+                unmarked.push(format!("[{}] {line} (default: {default})", section.join(".")));
+            }
+        }
+        assert!(checked > 60, "only {checked} settings found in the example");
+        assert!(
+            unmarked.is_empty(),
+            "config.toml.example values that are not the default must say \"# example; default: ...\": {unmarked:#?}"
         );
     }
 }

@@ -179,12 +179,12 @@ impl AppClient {
             let status = self.client.get(url).send().await.map(|r| r.status());
             match status {
                 Ok(s) if s.is_success() => {
-                    tracing::info!(url, "app is healthy; joining the consumer group");
+                    tracing::info!(url = %crate::config::redact::url(url), "app is healthy; joining the consumer group");
                     return true;
                 }
                 other if n % 10 == 0 => {
                     let why = other.map_or_else(|e| error_chain(&e), |s| format!("status {s}"));
-                    tracing::info!(url, answer = %why, "waiting for the app to be healthy before joining the consumer group");
+                    tracing::info!(url = %crate::config::redact::url(url), answer = %why, "waiting for the app to be healthy before joining the consumer group");
                 }
                 _ => {}
             }

@@ -57,7 +57,10 @@ impl DeadLetters {
         }
         let producer: FutureProducer = cc
             .create()
-            .map_err(|e| anyhow::anyhow!("failed to create the DLQ producer: {e}"))?;
+            .map_err(|e| {
+                let e = crate::config::redact::kafka_error(&e, "dlq.properties");
+                anyhow::anyhow!("failed to create the DLQ producer: {e}")
+            })?;
         Ok(Some(Self {
             producer,
             topic: cfg.dlq.topic.clone(),
