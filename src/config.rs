@@ -18,6 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub mod duration;
 mod env;
+#[cfg(test)]
+mod proptests;
 pub mod redact;
 
 pub use self::redact::url as redact_url;
@@ -361,22 +363,35 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut issues = Vec::new();
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = path {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match toml_syntax_error(&text) {
-                    None => figment = figment.merge(Toml::string(&text)),
-                    Some(issue) => issues.push(issue),
-                },
-                Err(e) => issues.push(ConfigIssue {
+        let text = match path.map(std::fs::read_to_string) {
+            None => None,
+            Some(Ok(text)) => Some(text),
+            Some(Err(e)) => {
+                // Without the file every required key would be reported missing too: noise.
+                return Err(ConfigError(vec![ConfigIssue {
                     key: "--config".into(),
-                    reason: format!("cannot read {}: {e}", path.display()),
-                }),
+                    reason: format!("cannot read {}: {e}", path.unwrap_or(Path::new("")).display()),
+                }]));
             }
+        };
+        Self::load_text(text.as_deref(), env)
+    }
+
+    /// Like [`Config::load_with_env`] with the file's text (`None`: no file).
+    pub fn load_text(
+        toml_text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(text) = toml_text {
+            if let Some(issue) = toml_syntax_error(text) {
+                return Err(ConfigError(vec![issue]));
+            }
+            figment = figment.merge(Toml::string(text));
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
-        figment = figment.merge(Serialized::defaults(env::env_dict(&env)));
+        let mut issues = Vec::new();
+        figment = figment.merge(Serialized::defaults(env::env_dict(&env, &mut issues)));
 
         let config = extract_sections(&figment, &mut issues);
         if let Some(config) = &config {
@@ -758,6 +773,114 @@ mod tests {
         let shown = c.redacted_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn env_values_for_text_fields_stay_text_and_numbers_still_parse() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_KAFKA__GROUP_ID", "007"),
+                ("KAFKA_SIDECAR_KAFKA__TOPICS", "007"),
+                ("KAFKA_SIDECAR_KAFKA__CLIENT_ID", "1e3"),
+                ("KAFKA_SIDECAR_TELEMETRY__SERVICE_NAME", "42"),
+                ("KAFKA_SIDECAR_PIPELINE__WORKERS", "012"),
+                ("KAFKA_SIDECAR_PIPELINE__MAX_IN_FLIGHT_BYTES", "1048576"),
+                ("KAFKA_SIDECAR_PIPELINE__RESUME_THRESHOLD", "0.25"),
+                ("KAFKA_SIDECAR_BREAKER__ENABLED", "false"),
+                ("KAFKA_SIDECAR_DLQ__PROPERTIES__COMPRESSION_TYPE", "zstd"),
+                ("KAFKA_SIDECAR_DLQ__PROPERTIES__LINGER_MS", "007"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.group_id, "007", "the group is \"007\", not 7");
+        assert_eq!(c.kafka.topics, ["007"]);
+        assert_eq!(c.kafka.client_id, "1e3");
+        assert_eq!(c.telemetry.service_name, "42");
+        assert_eq!(c.pipeline.workers, 12);
+        assert_eq!(c.pipeline.max_in_flight_bytes, ByteSize::mib(1));
+        assert_eq!(c.pipeline.resume_threshold, 0.25);
+        assert!(!c.breaker.enabled);
+        assert_eq!(c.dlq.properties["compression.type"], "zstd");
+        assert_eq!(c.dlq.properties["linger.ms"], "007");
+        let e = load(MINIMAL, &[("KAFKA_SIDECAR_PIPELINE__WORKERS", "many")]).unwrap_err();
+        assert_eq!(keys(e), ["pipeline.workers"]);
+    }
+
+    /// Every duration key of every section, found in the defaults (their values parse as
+    /// durations), so a new duration field is covered without editing this test.
+    fn duration_keys() -> Vec<String> {
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        for (section, table) in defaults.as_table().unwrap() {
+            for (key, value) in table.as_table().unwrap() {
+                if value.as_str().is_some_and(|v| humantime::parse_duration(v).is_ok()) {
+                    keys.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn durations_that_would_overflow_the_clock_are_rejected_naming_the_key() {
+        let keys_found = duration_keys();
+        assert!(keys_found.len() >= 18, "{keys_found:?}");
+        for key in &keys_found {
+            let var = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"));
+            let e = load(MINIMAL, &[(&var, "1000000000 years")]).unwrap_err();
+            let issue = e.0.iter().find(|i| &i.key == key);
+            assert!(issue.is_some(), "{key}: {e}");
+            assert!(issue.unwrap().reason.contains("at most 100 years"), "{e}");
+        }
+        let (section, key) = keys_found[0].split_once('.').unwrap();
+        let e = load(&format!("{MINIMAL}\n[{section}]\n{key} = \"200y\"\n"), &[]).unwrap_err();
+        assert!(keys(e).contains(&keys_found[0]));
+    }
+
+    #[test]
+    fn a_misspelled_librdkafka_property_is_invalid_and_its_value_is_never_shown() {
+        let toml = format!(
+            "{MINIMAL}\n[kafka.properties]\n\"sasl.pasword\" = \"hunter22\"\n[dlq.properties]\n\"linger.ms\" = \"soon-ish\"\n"
+        );
+        let e = load(&toml, &[]).unwrap_err();
+        assert_eq!(keys(e.clone()), ["kafka.properties.sasl.pasword", "dlq.properties.linger.ms"]);
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter22") && !shown.contains("soon-ish"), "{shown}");
+        assert!(shown.contains("no such configuration property"), "{shown}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_does_not_quote_the_line() {
+        let toml = format!("{MINIMAL}\n[kafka.properties]\n\"sasl.password\" = \"hunter22\n");
+        let e = load(&toml, &[]).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter22"), "{shown}");
+        assert_eq!(keys(e), ["config file"]);
+        assert!(shown.contains("line 10"), "{shown}");
+    }
+
+    #[test]
+    fn type_errors_in_secret_keys_do_not_quote_the_value() {
+        let toml = format!("{MINIMAL}\n[dedup]\nredis_url = [\"redis://:hunter22@h\"]\n");
+        let e = load(&toml, &[]).unwrap_err();
+        assert_eq!(keys(e.clone()), ["dedup.redis_url"]);
+        let toml = MINIMAL.replace("url = \"http://127.0.0.1:8080/\"", "url = { x = \"http://u:hunter22@h/\" }");
+        let e = load(&toml, &[]).unwrap_err();
+        assert!(!e.to_string().contains("hunter22"), "{e}");
+        let c = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_APP__HEALTH_URL", "http://u:hunter22@127.0.0.1/health"),
+                ("KAFKA_SIDECAR_TELEMETRY__OTLP_ENDPOINT", "http://u:otlp-pw@127.0.0.1:4318/v1/traces"),
+                ("KAFKA_SIDECAR_APP__HEADERS__AUTHORIZATION", "Bearer tok-123"),
+            ],
+        )
+        .unwrap();
+        let shown = c.redacted_toml();
+        for secret in ["hunter22", "otlp-pw", "tok-123"] {
+            assert!(!shown.contains(secret), "{secret}: {shown}");
+        }
     }
 
     #[test]

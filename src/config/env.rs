@@ -11,13 +11,14 @@
 
 use figment::value::{Dict, Value};
 
-use super::{Config, ENV_PREFIX};
+use super::{Config, ConfigIssue, ENV_PREFIX};
 
 /// Sections whose `properties` map holds librdkafka property names.
 const PROPERTY_SECTIONS: &[&str] = &["kafka", "dlq"];
 
-/// The `KAFKA_SIDECAR_*` variables of `env` as a nested dictionary of config values.
-pub(super) fn env_dict(env: &[(String, String)]) -> Dict {
+/// The `KAFKA_SIDECAR_*` variables of `env` as a nested dictionary of config values; a
+/// variable with an empty part (`KAFKA_SIDECAR_APP____URL`) is an issue naming it.
+pub(super) fn env_dict(env: &[(String, String)], issues: &mut Vec<ConfigIssue>) -> Dict {
     let defaults = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Table(Default::default()));
     let mut root = Dict::new();
     for (key, raw) in env {
@@ -25,6 +26,13 @@ pub(super) fn env_dict(env: &[(String, String)]) -> Dict {
             continue;
         };
         let path = env_path(rest);
+        if path.iter().any(String::is_empty) {
+            issues.push(ConfigIssue {
+                key: key.clone(),
+                reason: "is not a config key: expected KAFKA_SIDECAR_<SECTION>__<KEY>".into(),
+            });
+            continue;
+        }
         let value = typed_value(&defaults, &path, raw);
         insert_path(&mut root, &path, value);
     }
@@ -105,7 +113,10 @@ mod tests {
 
     fn dict(pairs: &[(&str, &str)]) -> Dict {
         let env: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        env_dict(&env)
+        let mut issues = Vec::new();
+        let d = env_dict(&env, &mut issues);
+        assert!(issues.is_empty(), "{issues:?}");
+        d
     }
 
     fn at<'a>(d: &'a Dict, path: &[&str]) -> &'a Value {
@@ -164,6 +175,14 @@ mod tests {
         assert_eq!(at(&d, &["dlq", "properties", "compression.type"]).as_str(), Some("zstd"));
         assert_eq!(at(&d, &["dlq", "properties", "linger.ms"]).as_str(), Some("007"));
         assert_eq!(at(&d, &["app", "headers", "x_tenant"]).as_str(), Some("042"));
+    }
+
+    #[test]
+    fn a_variable_with_an_empty_part_is_an_issue_naming_it() {
+        let mut issues = Vec::new();
+        let env = [("KAFKA_SIDECAR_APP____URL".to_string(), "x".to_string())];
+        assert!(env_dict(&env, &mut issues).is_empty());
+        assert_eq!(issues[0].key, "KAFKA_SIDECAR_APP____URL");
     }
 
     #[test]
