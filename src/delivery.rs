@@ -249,11 +249,21 @@ impl AppClient {
 
 fn transport_error(e: &reqwest::Error) -> Transport {
     if e.is_connect() {
-        Transport::Unreachable(error_chain(e))
+        Transport::Unreachable(error_text(e))
     } else if e.is_timeout() {
         Transport::Timeout
     } else {
-        Transport::Failed(error_chain(e))
+        Transport::Failed(error_text(e))
+    }
+}
+
+/// The error chain with the URL's credentials redacted: the text goes to logs and into
+/// `x-dlq-error` of dead-lettered records.
+fn error_text(e: &reqwest::Error) -> String {
+    let msg = error_chain(e);
+    match e.url() {
+        Some(u) => msg.replace(u.as_str(), &crate::config::redact::url(u.as_str())),
+        None => msg,
     }
 }
 

@@ -90,9 +90,27 @@ fn is_string_map(key: &str) -> bool {
     matches!(key, "properties" | "headers")
 }
 
-/// Parsed like a TOML scalar or array (`7`, `true`, `[400, 422]`), else the text itself.
+/// A number or boolean (`7`, `012`, `0.5`, `true`), else a TOML value (`[400, 422]`), else
+/// the text itself. figment's own value parser is not used: it panics on some non-ASCII text.
 fn parse(raw: &str) -> Value {
-    raw.parse().unwrap_or_else(|_| Value::from(raw.to_string()))
+    let t = raw.trim();
+    if let Ok(n) = t.parse::<i64>() {
+        return Value::from(n);
+    }
+    if let Ok(n) = t.parse::<u64>() {
+        return Value::from(n);
+    }
+    if let Ok(b) = t.parse::<bool>() {
+        return Value::from(b);
+    }
+    if let Ok(f) = t.parse::<f64>() {
+        return Value::from(f);
+    }
+    toml::from_str::<toml::Table>(&format!("v = {t}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .and_then(|v| Value::serialize(v).ok())
+        .unwrap_or_else(|| Value::from(raw.to_string()))
 }
 
 fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
@@ -183,6 +201,14 @@ mod tests {
         let env = [("KAFKA_SIDECAR_APP____URL".to_string(), "x".to_string())];
         assert!(env_dict(&env, &mut issues).is_empty());
         assert_eq!(issues[0].key, "KAFKA_SIDECAR_APP____URL");
+    }
+
+    #[test]
+    fn odd_text_for_a_number_field_never_panics_and_stays_text() {
+        let d = dict(&[("KAFKA_SIDECAR_PIPELINE__WORKERS", "\"\u{1e290}\u{1d2e0}aA0\\0\"")]);
+        assert!(at(&d, &["pipeline", "workers"]).as_str().is_some());
+        let d = dict(&[("KAFKA_SIDECAR_A__A", "{ x = 1 }")]);
+        assert!(at(&d, &["a", "a"]).as_dict().is_some());
     }
 
     #[test]

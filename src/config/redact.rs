@@ -105,7 +105,8 @@ pub fn url(url: &str) -> String {
                 let _ = u.set_username(REDACTED);
             }
             redact_query(&mut u);
-            u.to_string()
+            // Shown to people, not parsed: "<redacted>" reads better than "%3Credacted%3E".
+            u.to_string().replace("%3Credacted%3E", REDACTED)
         }
         _ => redact_userinfo_text(url),
     }
@@ -406,7 +407,7 @@ mod tests {
 
     #[test]
     fn urls_lose_userinfo_and_secret_query_values() {
-        assert_eq!(url("redis://u:secret@h:6379/0"), "redis://u:%3Credacted%3E@h:6379/0");
+        assert_eq!(url("redis://u:secret@h:6379/0"), "redis://u:<redacted>@h:6379/0");
         assert_eq!(url("http://h/"), "http://h/");
         assert!(!url("https://tok3n@h/x").contains("tok3n"));
         let q = url("http://h/p?tenant=a&access_token=s3cr3t");
