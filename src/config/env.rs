@@ -94,10 +94,10 @@ fn is_string_map(key: &str) -> bool {
 /// the text itself. figment's own value parser is not used: it panics on some non-ASCII text.
 fn parse(raw: &str) -> Value {
     let t = raw.trim();
-    if let Ok(n) = t.parse::<i64>() {
+    if let Ok(n) = t.parse::<u64>() {
         return Value::from(n);
     }
-    if let Ok(n) = t.parse::<u64>() {
+    if let Ok(n) = t.parse::<i64>() {
         return Value::from(n);
     }
     if let Ok(b) = t.parse::<bool>() {

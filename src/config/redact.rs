@@ -48,13 +48,31 @@ const SECRET_FRAGMENTS: &[&str] = &[
 
 /// A config key, librdkafka property or HTTP header whose value must not be shown:
 /// names containing password, secret, token, key, credential, auth (Authorization), cookie,
-/// signature, private or jaas, and every `sasl.*` and `ssl.*password*` property.
+/// signature, private or jaas, and every `sasl.*` and `ssl.*password*` property; not
+/// `ssl.*.location` (a file path).
 pub fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
+    // A file path (`ssl.key.location`) is not the secret itself, and seeing it helps.
+    if n.starts_with("ssl.") && n.ends_with(".location") {
+        return false;
+    }
     n.starts_with("sasl.")
         || (n.starts_with("ssl.") && n.contains("pas"))
         || SECRET_FRAGMENTS.iter().any(|f| n.contains(f))
 }
+
+/// Properties `sasl.*` that name who or how, not the credential itself: shown as
+/// `<redacted>` like every `sasl.*` value, but not scrubbed from free text, where their
+/// values often equal a group id or topic name ("my-app") that must stay readable.
+const IDENTITY_PROPERTIES: &[&str] = &[
+    "sasl.username",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.kerberos.service.name",
+    "sasl.kerberos.principal",
+    "sasl.oauthbearer.client.id",
+    "sasl.oauthbearer.method",
+];
 
 /// Whether librdkafka knows a property name. Unknown names (typos) may hold a secret, so
 /// their values are redacted like secrets.
@@ -213,7 +231,7 @@ impl Scrubber {
     pub fn from_config(cfg: &Config) -> Self {
         let mut s = Vec::new();
         for (name, value) in cfg.kafka.properties.iter().chain(&cfg.dlq.properties) {
-            if is_secret_property(name) {
+            if is_secret_property(name) && !IDENTITY_PROPERTIES.contains(&name.to_ascii_lowercase().as_str()) {
                 s.push(value.clone());
             }
         }
@@ -389,7 +407,7 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name}");
         }
-        for name in ["bootstrap.servers", "security.protocol", "fetch.max.bytes", "Content-Type", "X-Tenant"] {
+        for name in ["ssl.key.location", "bootstrap.servers", "security.protocol", "fetch.max.bytes", "Content-Type", "X-Tenant"] {
             assert!(!is_secret_name(name), "{name}");
         }
     }
@@ -422,6 +440,7 @@ mod tests {
         cfg.kafka.properties.insert("sasl.password".into(), "p4ssw0rd".into());
         cfg.kafka.properties.insert("sasl.pasword".into(), "typo-secret".into());
         cfg.kafka.properties.insert("fetch.max.bytes".into(), "1048576".into());
+        cfg.kafka.properties.insert("sasl.username".into(), "my-app".into());
         cfg.dlq.properties.insert("ssl.key.password".into(), "keypass".into());
         cfg.app.url = "http://app-user:app%40pw@127.0.0.1/".into();
         cfg.app.health_url = "http://h:health-pw@127.0.0.1/health".into();
@@ -434,6 +453,7 @@ mod tests {
             assert!(!out.contains(secret), "{secret} in {out}");
         }
         assert!(out.contains("offset 1048576"), "non-secret values stay: {out}");
+        assert_eq!(s.scrub("group my-app"), "group my-app", "a user name is not scrubbed from text");
     }
 
     #[test]
