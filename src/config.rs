@@ -4,6 +4,11 @@
 //! `config.toml.example`. Loading reports *every* problem it finds (unknown keys,
 //! wrong types, bad durations, missing required values) with the key's full path,
 //! so an operator fixes a ConfigMap in one round trip.
+//!
+//! Guarantees: environment values for text fields stay text ([`env`]); every duration is
+//! bounded so clock arithmetic cannot overflow ([`duration`]); no secret reaches an output
+//! ([`redact`]); loading never panics, whatever the TOML text or environment (property
+//! tested in `proptests`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -98,7 +103,9 @@ pub struct KafkaConfig {
     #[serde(with = "crate::config::duration")]
     pub revoke_drain_timeout: Duration,
     /// Any librdkafka consumer property, passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
-    /// They override the settings above. Secrets here are redacted by `check-config`.
+    /// They override the settings above. Each is checked by librdkafka at load (an unknown
+    /// name is an invalid config). Secret-looking and unknown names are never printed (see
+    /// [`redact`]).
     #[serde(deserialize_with = "scalar_map")]
     pub properties: BTreeMap<String, String>,
 }
@@ -844,7 +851,10 @@ mod tests {
             "{MINIMAL}\n[kafka.properties]\n\"sasl.pasword\" = \"hunter22\"\n[dlq.properties]\n\"linger.ms\" = \"soon-ish\"\n"
         );
         let e = load(&toml, &[]).unwrap_err();
-        assert_eq!(keys(e.clone()), ["kafka.properties.sasl.pasword", "dlq.properties.linger.ms"]);
+        assert_eq!(
+            keys(e.clone()),
+            ["kafka.properties.sasl.pasword", "dlq.properties.linger.ms"]
+        );
         let shown = e.to_string();
         assert!(!shown.contains("hunter22") && !shown.contains("soon-ish"), "{shown}");
         assert!(shown.contains("no such configuration property"), "{shown}");
@@ -865,14 +875,20 @@ mod tests {
         let toml = format!("{MINIMAL}\n[dedup]\nredis_url = [\"redis://:hunter22@h\"]\n");
         let e = load(&toml, &[]).unwrap_err();
         assert_eq!(keys(e.clone()), ["dedup.redis_url"]);
-        let toml = MINIMAL.replace("url = \"http://127.0.0.1:8080/\"", "url = { x = \"http://u:hunter22@h/\" }");
+        let toml = MINIMAL.replace(
+            "url = \"http://127.0.0.1:8080/\"",
+            "url = { x = \"http://u:hunter22@h/\" }",
+        );
         let e = load(&toml, &[]).unwrap_err();
         assert!(!e.to_string().contains("hunter22"), "{e}");
         let c = load(
             MINIMAL,
             &[
                 ("KAFKA_SIDECAR_APP__HEALTH_URL", "http://u:hunter22@127.0.0.1/health"),
-                ("KAFKA_SIDECAR_TELEMETRY__OTLP_ENDPOINT", "http://u:otlp-pw@127.0.0.1:4318/v1/traces"),
+                (
+                    "KAFKA_SIDECAR_TELEMETRY__OTLP_ENDPOINT",
+                    "http://u:otlp-pw@127.0.0.1:4318/v1/traces",
+                ),
                 ("KAFKA_SIDECAR_APP__HEADERS__AUTHORIZATION", "Bearer tok-123"),
             ],
         )
@@ -935,10 +951,7 @@ mod tests {
 
     #[test]
     fn url_passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://u:secret@h:6379/0"),
-            "redis://u:<redacted>@h:6379/0"
-        );
+        assert_eq!(redact_url("redis://u:secret@h:6379/0"), "redis://u:<redacted>@h:6379/0");
         assert_eq!(redact_url("http://h/"), "http://h/");
     }
 

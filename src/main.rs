@@ -61,7 +61,10 @@ fn run(cfg: Config) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("kafka-sidecar: failed to start the runtime: {}", redact::scrub(&e.to_string()));
+            eprintln!(
+                "kafka-sidecar: failed to start the runtime: {}",
+                redact::scrub(&e.to_string())
+            );
             return ExitCode::FAILURE;
         }
     };

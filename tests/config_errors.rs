@@ -128,6 +128,9 @@ fn env_overrides_keep_text_as_text_and_invalid_ones_name_the_key() {
     for sub in ["check-config", "run"] {
         let (code, _, stderr) = check_env(&[("KAFKA_SIDECAR_APP__TIMEOUT", "1000000000 years")], sub);
         assert_ne!(code, 0, "{sub} must fail");
-        assert!(stderr.contains("app.timeout") && stderr.contains("at most 100 years"), "{sub}: {stderr}");
+        assert!(
+            stderr.contains("app.timeout") && stderr.contains("at most 100 years"),
+            "{sub}: {stderr}"
+        );
     }
 }

@@ -94,7 +94,10 @@ otlp_endpoint = "http://otel-user:{OTLP_URL_PASSWORD}@127.0.0.1:9/v1/traces"
 }
 
 fn otlp_headers_env() -> (&'static str, String) {
-    ("OTEL_EXPORTER_OTLP_HEADERS", format!("authorization=Bearer%20{OTLP_HEADER_TOKEN},x-tenant=t1"))
+    (
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        format!("authorization=Bearer%20{OTLP_HEADER_TOKEN},x-tenant=t1"),
+    )
 }
 
 fn run_binary(subcommand: &str, toml: &str, env: &[(&str, &str)]) -> Output {
@@ -130,7 +133,14 @@ fn check_config_prints_the_config_with_every_secret_redacted() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "check-config must accept the config: {stderr}");
     // The keys are printed, so their values were really considered and hidden.
-    for key in ["\"sasl.password\"", "\"ssl.key.password\"", "health_url", "Authorization", "redis_url", "otlp_endpoint"] {
+    for key in [
+        "\"sasl.password\"",
+        "\"ssl.key.password\"",
+        "health_url",
+        "Authorization",
+        "redis_url",
+        "otlp_endpoint",
+    ] {
         assert!(stdout.contains(key), "{key} missing from:\n{stdout}");
     }
     assert!(stdout.contains("<redacted>"), "{stdout}");
@@ -147,7 +157,10 @@ fn a_misspelled_property_fails_check_config_and_run_naming_the_key_without_its_v
         let out = run_binary(sub, &toml, &[]);
         let (stdout, stderr) = text(&out);
         assert!(!out.status.success(), "{sub} must reject a misspelled property");
-        assert!(stderr.contains("kafka.properties.sasl.pasword"), "{sub} must name the key: {stderr}");
+        assert!(
+            stderr.contains("kafka.properties.sasl.pasword"),
+            "{sub} must name the key: {stderr}"
+        );
         assert_no_secret(&format!("{sub} stdout"), &stdout);
         assert_no_secret(&format!("{sub} stderr"), &stderr);
     }
@@ -155,8 +168,10 @@ fn a_misspelled_property_fails_check_config_and_run_naming_the_key_without_its_v
 
 #[test]
 fn a_syntax_error_on_a_secret_line_is_reported_without_the_line() {
-    let toml = format!("{}\n[log]\nlevel = \"info\n", config(8080, 6379, ""))
-        .replace(&format!("\"sasl.password\" = \"{SASL_PASSWORD}\""), &format!("\"sasl.password\" = \"{SASL_PASSWORD}"));
+    let toml = format!("{}\n[log]\nlevel = \"info\n", config(8080, 6379, "")).replace(
+        &format!("\"sasl.password\" = \"{SASL_PASSWORD}\""),
+        &format!("\"sasl.password\" = \"{SASL_PASSWORD}"),
+    );
     for sub in ["check-config", "run"] {
         let out = run_binary(sub, &toml, &[]);
         let (stdout, stderr) = text(&out);
@@ -202,11 +217,33 @@ async fn a_running_sidecar_shows_no_secret_in_logs_status_or_metrics() {
     })
     .await;
     let admin = free_port();
-    let toml = config(app.port, redis.port, &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\nlag_interval = \"300ms\"\n"));
-    let topic = toml.lines().find_map(|l| l.strip_prefix("topics = [\"")).unwrap().trim_end_matches("\"]").to_string();
-    let group = toml.lines().find_map(|l| l.strip_prefix("group_id = \"")).unwrap().trim_end_matches('"').to_string();
+    let toml = config(
+        app.port,
+        redis.port,
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\nlag_interval = \"300ms\"\n"),
+    );
+    let topic = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("topics = [\""))
+        .unwrap()
+        .trim_end_matches("\"]")
+        .to_string();
+    let group = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("group_id = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
     create_topic(&topic, 1).await;
-    produce(&topic, vec![Out::keyed("k1", "fast"), Out::keyed("k2", "slow"), Out::keyed("k3", "fast")]).await;
+    produce(
+        &topic,
+        vec![
+            Out::keyed("k1", "fast"),
+            Out::keyed("k2", "slow"),
+            Out::keyed("k3", "fast"),
+        ],
+    )
+    .await;
 
     let (otel_name, otel_value) = otlp_headers_env();
     let mut sidecar = Sidecar::start_with_env(
@@ -228,7 +265,10 @@ async fn a_running_sidecar_shows_no_secret_in_logs_status_or_metrics() {
     let logged = wait_until(Duration::from_secs(30), || sidecar.log().contains("app unreachable")).await;
     assert!(logged, "the outage was logged: {}", sidecar.log());
     let app = app.restart().await;
-    assert!(wait_until(Duration::from_secs(60), || app.delivered_count() >= 4).await, "delivered after the outage");
+    assert!(
+        wait_until(Duration::from_secs(60), || app.delivered_count() >= 4).await,
+        "delivered after the outage"
+    );
     // The credentials were used, not only hidden (reqwest sends the URL's userinfo as Basic
     // auth, which takes the place of the configured Authorization header).
     assert!(app.requests()[0].headers.contains_key("authorization"));
@@ -246,6 +286,9 @@ async fn a_running_sidecar_shows_no_secret_in_logs_status_or_metrics() {
     assert!(exit.is_some_and(|s| s.success()), "clean exit: {exit:?}");
     let log = sidecar.log();
     assert!(log.contains("joining the consumer group"), "the health gate ran: {log}");
-    assert!(log.contains("<redacted>"), "URLs with passwords were logged redacted: {log}");
+    assert!(
+        log.contains("<redacted>"),
+        "URLs with passwords were logged redacted: {log}"
+    );
     assert_no_secret("run stderr", &log);
 }

@@ -52,7 +52,9 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<Duration, String> {
-        toml::from_str::<T>(&format!("d = \"{text}\"")).map(|t| t.d).map_err(|e| e.to_string())
+        toml::from_str::<T>(&format!("d = \"{text}\""))
+            .map(|t| t.d)
+            .map_err(|e| e.to_string())
     }
 
     #[test]

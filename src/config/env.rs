@@ -190,7 +190,10 @@ mod tests {
             ("KAFKA_SIDECAR_APP__HEADERS__X_TENANT", "042"),
         ]);
         assert_eq!(at(&d, &["kafka", "properties", "sasl.password"]).as_str(), Some("0123"));
-        assert_eq!(at(&d, &["dlq", "properties", "compression.type"]).as_str(), Some("zstd"));
+        assert_eq!(
+            at(&d, &["dlq", "properties", "compression.type"]).as_str(),
+            Some("zstd")
+        );
         assert_eq!(at(&d, &["dlq", "properties", "linger.ms"]).as_str(), Some("007"));
         assert_eq!(at(&d, &["app", "headers", "x_tenant"]).as_str(), Some("042"));
     }
@@ -213,7 +216,11 @@ mod tests {
 
     #[test]
     fn other_variables_are_ignored() {
-        let d = dict(&[("KAFKA_SIDECAR_CONFIG", "/x"), ("PATH", "/bin"), ("KAFKA_SIDECAR_", "x")]);
+        let d = dict(&[
+            ("KAFKA_SIDECAR_CONFIG", "/x"),
+            ("PATH", "/bin"),
+            ("KAFKA_SIDECAR_", "x"),
+        ]);
         assert!(d.is_empty(), "{d:?}");
     }
 }

@@ -137,7 +137,11 @@ fn redact_query(u: &mut reqwest::Url) {
     let pairs: Vec<(String, String)> = u
         .query_pairs()
         .map(|(k, v)| {
-            let v = if is_secret_name(&k) { REDACTED.into() } else { v.into_owned() };
+            let v = if is_secret_name(&k) {
+                REDACTED.into()
+            } else {
+                v.into_owned()
+            };
             (k.into_owned(), v)
         })
         .collect();
@@ -242,7 +246,12 @@ impl Scrubber {
                 s.extend(value.split_whitespace().skip(1).map(str::to_string));
             }
         }
-        let urls = [&cfg.app.url, &cfg.app.health_url, &cfg.telemetry.otlp_endpoint, &cfg.dedup.redis_url];
+        let urls = [
+            &cfg.app.url,
+            &cfg.app.health_url,
+            &cfg.telemetry.otlp_endpoint,
+            &cfg.dedup.redis_url,
+        ];
         for u in urls.into_iter().chain(&cfg.dedup.cluster_urls) {
             url_secrets(u, &mut s);
         }
@@ -407,7 +416,14 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name}");
         }
-        for name in ["ssl.key.location", "bootstrap.servers", "security.protocol", "fetch.max.bytes", "Content-Type", "X-Tenant"] {
+        for name in [
+            "ssl.key.location",
+            "bootstrap.servers",
+            "security.protocol",
+            "fetch.max.bytes",
+            "Content-Type",
+            "X-Tenant",
+        ] {
             assert!(!is_secret_name(name), "{name}");
         }
     }
@@ -449,11 +465,24 @@ mod tests {
         let s = Scrubber::from_config(&cfg);
         let text = "p4ssw0rd typo-secret keypass app@pw app%40pw health-pw tok-123 redis-pw offset 1048576";
         let out = s.scrub(text);
-        for secret in ["p4ssw0rd", "typo-secret", "keypass", "app@pw", "app%40pw", "health-pw", "tok-123", "redis-pw"] {
+        for secret in [
+            "p4ssw0rd",
+            "typo-secret",
+            "keypass",
+            "app@pw",
+            "app%40pw",
+            "health-pw",
+            "tok-123",
+            "redis-pw",
+        ] {
             assert!(!out.contains(secret), "{secret} in {out}");
         }
         assert!(out.contains("offset 1048576"), "non-secret values stay: {out}");
-        assert_eq!(s.scrub("group my-app"), "group my-app", "a user name is not scrubbed from text");
+        assert_eq!(
+            s.scrub("group my-app"),
+            "group my-app",
+            "a user name is not scrubbed from text"
+        );
     }
 
     #[test]
