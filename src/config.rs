@@ -437,6 +437,10 @@ impl Config {
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
             bad("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\"");
         }
+        // librdkafka's range for session.timeout.ms: refused at start-up otherwise.
+        if k.session_timeout < Duration::from_millis(1) || k.session_timeout > Duration::from_secs(3600) {
+            bad("kafka.session_timeout", "must be between 1ms and 1h");
+        }
         if k.commit_interval.is_zero() {
             bad("kafka.commit_interval", "must be greater than 0");
         }
@@ -843,6 +847,13 @@ mod tests {
         let (section, key) = keys_found[0].split_once('.').unwrap();
         let e = load(&format!("{MINIMAL}\n[{section}]\n{key} = \"200y\"\n"), &[]).unwrap_err();
         assert!(keys(e).contains(&keys_found[0]));
+    }
+
+    #[test]
+    fn a_session_timeout_librdkafka_would_refuse_is_invalid_at_load() {
+        let e = load(MINIMAL, &[("KAFKA_SIDECAR_KAFKA__SESSION_TIMEOUT", "2h")]).unwrap_err();
+        assert_eq!(keys(e), ["kafka.session_timeout"]);
+        assert!(load(MINIMAL, &[("KAFKA_SIDECAR_KAFKA__SESSION_TIMEOUT", "1h")]).is_ok());
     }
 
     #[test]

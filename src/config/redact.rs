@@ -263,11 +263,18 @@ impl Scrubber {
         Self::new(s)
     }
 
-    /// A scrubber for these values (those shorter than [`MIN_SCRUB_LEN`] are ignored).
+    /// A scrubber for these values (those shorter than [`MIN_SCRUB_LEN`] are ignored), as
+    /// written and as escaped in JSON logs and `{:?}` fields (`"` → `\"`, `\` → `\\`).
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Self {
         let mut secrets: Vec<String> = secrets
             .into_iter()
             .filter(|s| s.chars().count() >= MIN_SCRUB_LEN && s != REDACTED)
+            .flat_map(|s| {
+                let debug = s.escape_debug().to_string();
+                let json = serde_json::to_string(&s).unwrap_or_default();
+                let json = json.trim_matches('"').to_string();
+                [s, debug, json]
+            })
             .collect();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
@@ -483,6 +490,9 @@ mod tests {
             "group my-app",
             "a user name is not scrubbed from text"
         );
+        let quoted = Scrubber::new(["pa\"ss\\word".to_string()]);
+        assert_eq!(quoted.scrub(r#"{"error":"pa\"ss\\word"}"#), r#"{"error":"<redacted>"}"#);
+        assert_eq!(quoted.scrub("pa\"ss\\word"), "<redacted>");
     }
 
     #[test]
