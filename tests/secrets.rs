@@ -192,12 +192,15 @@ fn a_run_that_fails_creating_its_kafka_client_shows_no_secret() {
              \"ssl.key.location\" = \"/nonexistent/{SSL_KEY_PASSWORD}.pem\"\n\"ssl.key.password\" = \"{SSL_KEY_PASSWORD}\""
         ),
     );
-    let out = run_binary("run", &toml, &[]);
-    let (stdout, stderr) = text(&out);
-    assert!(!out.status.success(), "run must fail: {stderr}");
-    assert!(stderr.contains("invalid Kafka consumer settings"), "{stderr}");
-    assert_no_secret("run stdout", &stdout);
-    assert_no_secret("run stderr", &stderr);
+    for format in ["text", "json"] {
+        let out = run_binary("run", &toml, &[("KAFKA_SIDECAR_LOG__FORMAT", format)]);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "run must fail: {stderr}");
+        assert!(stderr.contains("invalid Kafka consumer settings"), "{stderr}");
+        assert!(stderr.contains("<redacted>"), "URLs with passwords are logged redacted: {stderr}");
+        assert_no_secret(&format!("run stdout ({format} logs)"), &stdout);
+        assert_no_secret(&format!("run stderr ({format} logs)"), &stderr);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
