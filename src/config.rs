@@ -892,6 +892,17 @@ mod tests {
         );
         let e = load(&toml, &[]).unwrap_err();
         assert!(!e.to_string().contains("hunter22"), "{e}");
+        // serde quotes the string it found where a map was expected.
+        let e = load(
+            MINIMAL,
+            &[("KAFKA_SIDECAR_KAFKA__PROPERTIES", "sasl.password=hunter22")],
+        )
+        .unwrap_err();
+        assert_eq!(keys(e.clone()), ["kafka.properties"]);
+        assert!(
+            !e.to_string().contains("hunter22") && e.to_string().contains("<redacted>"),
+            "{e}"
+        );
         let c = load(
             MINIMAL,
             &[

@@ -197,7 +197,10 @@ fn a_run_that_fails_creating_its_kafka_client_shows_no_secret() {
         let (stdout, stderr) = text(&out);
         assert!(!out.status.success(), "run must fail: {stderr}");
         assert!(stderr.contains("invalid Kafka consumer settings"), "{stderr}");
-        assert!(stderr.contains("<redacted>"), "URLs with passwords are logged redacted: {stderr}");
+        assert!(
+            stderr.contains("<redacted>"),
+            "URLs with passwords are logged redacted: {stderr}"
+        );
         assert_no_secret(&format!("run stdout ({format} logs)"), &stdout);
         assert_no_secret(&format!("run stderr ({format} logs)"), &stderr);
     }
