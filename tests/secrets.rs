@@ -30,7 +30,13 @@ const OTLP_URL_PASSWORD: &str = "otel-pw-B6j2";
 /// A value in `OTEL_EXPORTER_OTLP_HEADERS`.
 const OTLP_HEADER_TOKEN: &str = "otel-hdr-W1c7";
 
-const SECRETS: [&str; 9] = [
+/// `Authorization: Basic` of app.url and app.health_url: base64 of "user:password".
+const APP_BASIC_AUTH: &str = "YXBwLXVzZXI6YXBwLXB3LU0ydjU";
+const HEALTH_BASIC_AUTH: &str = "aGVhbHRoLXVzZXI6aGVhbHRoLXB3LUs4dzE";
+
+const SECRETS: [&str; 11] = [
+    APP_BASIC_AUTH,
+    HEALTH_BASIC_AUTH,
     SASL_PASSWORD,
     TYPO_PASSWORD,
     SSL_KEY_PASSWORD,

@@ -185,6 +185,13 @@ fn url_secrets(raw: &str, out: &mut Vec<String>) {
     } else if !u.username().is_empty() {
         push(u.username());
     }
+    if u.password().is_some() || !u.username().is_empty() {
+        // HTTP clients send the userinfo as `Authorization: Basic base64(user:password)`.
+        use base64::Engine as _;
+        let decode = |s: &str| percent_decode(s).unwrap_or_else(|()| s.to_string());
+        let pair = format!("{}:{}", decode(u.username()), decode(u.password().unwrap_or_default()));
+        out.push(base64::engine::general_purpose::STANDARD.encode(pair));
+    }
     for (k, v) in u.query_pairs() {
         if is_secret_name(&k) {
             out.push(v.into_owned());
@@ -470,7 +477,8 @@ mod tests {
         cfg.app.headers.insert("Authorization".into(), "Bearer tok-123".into());
         cfg.dedup.redis_url = "redis://:redis-pw@127.0.0.1:6379/0".into();
         let s = Scrubber::from_config(&cfg);
-        let text = "p4ssw0rd typo-secret keypass app@pw app%40pw health-pw tok-123 redis-pw offset 1048576";
+        // "YXBwLXVzZXI6YXBwQHB3" is base64("app-user:app@pw"), the Basic auth of app.url.
+        let text = "p4ssw0rd typo-secret keypass app@pw app%40pw health-pw tok-123 redis-pw YXBwLXVzZXI6YXBwQHB3 offset 1048576";
         let out = s.scrub(text);
         for secret in [
             "p4ssw0rd",
@@ -481,6 +489,7 @@ mod tests {
             "health-pw",
             "tok-123",
             "redis-pw",
+            "YXBwLXVzZXI6YXBwQHB3",
         ] {
             assert!(!out.contains(secret), "{secret} in {out}");
         }
