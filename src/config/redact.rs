@@ -350,8 +350,9 @@ pub fn kafka_config_reason(e: &KafkaError) -> String {
 /// secret (serde's messages quote what they found: `found string "..."`).
 pub fn config_reason(key: &str, reason: String) -> String {
     let k = key.to_ascii_lowercase();
-    let sensitive = is_secret_name(&k)
-        || k.contains(".properties")
+    // The config keys that may hold a secret: free-form maps and URLs. (Other keys with
+    // "key" in their name, like `dedup.key` or `rate_limit.per_key_burst`, hold none.)
+    let sensitive = k.contains(".properties")
         || k.contains(".headers")
         || k.ends_with("url")
         || k.ends_with("urls")
@@ -502,6 +503,16 @@ mod tests {
         let quoted = Scrubber::new(["pa\"ss\\word".to_string()]);
         assert_eq!(quoted.scrub(r#"{"error":"pa\"ss\\word"}"#), r#"{"error":"<redacted>"}"#);
         assert_eq!(quoted.scrub("pa\"ss\\word"), "<redacted>");
+    }
+
+    #[test]
+    fn config_errors_of_urls_and_maps_do_not_quote_values_and_others_do() {
+        let r = config_reason("kafka.properties", "found string \"a=hunter22\", expected a map".into());
+        assert_eq!(r, "found string \"<redacted>\", expected a map");
+        let r = config_reason("dedup.cluster_urls[0]", "bad `redis://:pw@h`".into());
+        assert_eq!(r, "bad `<redacted>`");
+        let r = config_reason("app.mode", "unknown variant `sngle`".into());
+        assert_eq!(r, "unknown variant `sngle`", "a typo in a plain key stays visible");
     }
 
     #[test]
