@@ -38,7 +38,7 @@ pub struct BreakerConfig {
     /// app is still never dead-lettered, its records are retried).
     pub enabled: bool,
     /// Failures are counted over this sliding window.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub window: Duration,
     /// Fewest outcomes in the window before the breaker may open, so that a few failures
     /// on a quiet topic do not stop it.
@@ -46,10 +46,10 @@ pub struct BreakerConfig {
     /// Share of failures in the window (above 0, at most 1) at which the breaker opens.
     pub failure_ratio: f64,
     /// How long the breaker stays open before one probe delivery is let through.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub cool_down: Duration,
     /// Each failed probe doubles the cool-down, up to this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_cool_down: Duration,
 }
 

@@ -4,6 +4,11 @@
 //! `config.toml.example`. Loading reports *every* problem it finds (unknown keys,
 //! wrong types, bad durations, missing required values) with the key's full path,
 //! so an operator fixes a ConfigMap in one round trip.
+//!
+//! Guarantees: environment values for text fields stay text ([`env`]); every duration is
+//! bounded so clock arithmetic cannot overflow ([`duration`]); no secret reaches an output
+//! ([`redact`]); loading never panics, whatever the TOML text or environment (property
+//! tested in `proptests`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,11 +17,17 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use figment::providers::{Format, Serialized, Toml};
-use figment::value::{Dict, Value};
 use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub mod duration;
+mod env;
+#[cfg(test)]
+mod proptests;
+pub mod redact;
+
+pub use self::redact::url as redact_url;
 pub use crate::breaker::BreakerConfig;
 pub use crate::dedup::DedupConfig;
 pub use crate::ratelimit::RateLimitConfig;
@@ -83,16 +94,18 @@ pub struct KafkaConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub auto_offset_reset: String,
     /// Group session timeout: a member silent this long is removed from the group.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub session_timeout: Duration,
     /// How often the finished-offset watermark is committed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub commit_interval: Duration,
     /// On partition revoke: how long to wait for in-flight work of the revoked partitions before committing.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub revoke_drain_timeout: Duration,
     /// Any librdkafka consumer property, passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
-    /// They override the settings above. Secrets here are redacted by `check-config`.
+    /// They override the settings above. Each is checked by librdkafka at load (an unknown
+    /// name is an invalid config). Secret-looking and unknown names are never printed (see
+    /// [`redact`]).
     #[serde(deserialize_with = "scalar_map")]
     pub properties: BTreeMap<String, String>,
 }
@@ -134,10 +147,10 @@ pub struct AppConfig {
     /// "single" (one record per request) or "batch" (JSON envelope, see README).
     pub mode: DeliveryMode,
     /// Timeout of one delivery request; a timeout is retried like a 5xx.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub timeout: Duration,
     /// Timeout for establishing a TCP connection to the app.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// Readiness gate: when set, the sidecar joins the consumer group only after a GET here
     /// answers 2xx (so it never consumes before the app can take records). Empty: no gate.
@@ -208,7 +221,7 @@ pub struct BatchConfig {
     /// Maximum bytes of record data in one batch request.
     pub max_bytes: ByteSize,
     /// How long to wait for a batch to fill before sending it anyway.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub linger: Duration,
 }
 
@@ -228,10 +241,10 @@ pub struct RetryConfig {
     /// Attempts for a record answered with a retryable status or timing out; then it is dead-lettered.
     pub max_attempts: u32,
     /// First backoff; each retry doubles it (full jitter), up to `max_backoff`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub initial_backoff: Duration,
     /// Cap of the retry backoff (also of `Retry-After` and of outage probing).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_backoff: Duration,
     /// HTTP statuses that mark a record as poison: dead-lettered at once, never retried.
     pub non_retryable_statuses: Vec<u16>,
@@ -263,7 +276,7 @@ pub struct DlqConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// On SIGTERM: time to finish records already read before committing and leaving the group.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub grace_period: Duration,
 }
 
@@ -282,7 +295,7 @@ pub struct AdminConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
     /// How often consumer lag (partition end offsets) is refreshed, even when no records flow.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub lag_interval: Duration,
 }
 
@@ -357,19 +370,35 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut issues = Vec::new();
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = path {
-            match std::fs::read_to_string(path) {
-                Ok(text) => figment = figment.merge(Toml::string(&text)),
-                Err(e) => issues.push(ConfigIssue {
+        let text = match path.map(std::fs::read_to_string) {
+            None => None,
+            Some(Ok(text)) => Some(text),
+            Some(Err(e)) => {
+                // Without the file every required key would be reported missing too: noise.
+                return Err(ConfigError(vec![ConfigIssue {
                     key: "--config".into(),
-                    reason: format!("cannot read {}: {e}", path.display()),
-                }),
+                    reason: format!("cannot read {}: {e}", path.unwrap_or(Path::new("")).display()),
+                }]));
             }
+        };
+        Self::load_text(text.as_deref(), env)
+    }
+
+    /// Like [`Config::load_with_env`] with the file's text (`None`: no file).
+    pub fn load_text(
+        toml_text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(text) = toml_text {
+            if let Some(issue) = toml_syntax_error(text) {
+                return Err(ConfigError(vec![issue]));
+            }
+            figment = figment.merge(Toml::string(text));
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
-        figment = figment.merge(Serialized::defaults(env_dict(&env)));
+        let mut issues = Vec::new();
+        figment = figment.merge(Serialized::defaults(env::env_dict(&env, &mut issues)));
 
         let config = extract_sections(&figment, &mut issues);
         if let Some(config) = &config {
@@ -407,6 +436,10 @@ impl Config {
         }
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
             bad("kafka.auto_offset_reset", "must be \"earliest\" or \"latest\"");
+        }
+        // librdkafka's range for session.timeout.ms: refused at start-up otherwise.
+        if k.session_timeout < Duration::from_millis(1) || k.session_timeout > Duration::from_secs(3600) {
+            bad("kafka.session_timeout", "must be between 1ms and 1h");
         }
         if k.commit_interval.is_zero() {
             bad("kafka.commit_interval", "must be greater than 0");
@@ -484,98 +517,63 @@ impl Config {
                 "must be an address like \"0.0.0.0:9464\" (or empty to disable)",
             );
         }
+        validate_properties("kafka", &self.kafka.properties, issues);
+        validate_properties("dlq", &self.dlq.properties, issues);
     }
 
-    /// The effective configuration as TOML, with secrets replaced by `"<redacted>"`.
+    /// The effective configuration as TOML, with secrets replaced by `"<redacted>"` (see
+    /// [`redact`]): secret-named and unknown librdkafka properties, secret-named headers,
+    /// URL userinfo, and then any secret value wherever else it appears.
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();
         for props in [&mut c.kafka.properties, &mut c.dlq.properties] {
             for (key, value) in props.iter_mut() {
-                if is_secret_property(key) {
-                    *value = REDACTED.into();
-                }
+                *value = redact::property_value(key, value);
             }
         }
-        c.app.url = redact_url(&c.app.url);
-        c.dedup = c.dedup.redacted();
         for (name, value) in c.app.headers.iter_mut() {
-            let n = name.to_ascii_lowercase();
-            if n.contains("auth") || n.contains("token") || n.contains("key") || n.contains("secret") {
-                *value = REDACTED.into();
-            }
+            *value = redact::header_value(name, value);
         }
-        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        c.app.url = redact::url(&c.app.url);
+        c.app.health_url = redact::url(&c.app.health_url);
+        c.telemetry.otlp_endpoint = redact::url(&c.telemetry.otlp_endpoint);
+        c.dedup = c.dedup.redacted();
+        let text = toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        redact::Scrubber::from_config(self).scrub(&text).into_owned()
     }
 }
 
-const REDACTED: &str = "<redacted>";
-
-fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "sasl.oauthbearer.config",
-        "sasl.username",
-        "ssl.key.pem",
-        "token",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-}
-
-/// Hides the password of `scheme://user:password@host` URLs.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(REDACTED));
-            u.to_string()
+/// librdkafka checks each property name and value as it is set: do that at load so a typo
+/// is an invalid config naming its key, and the error never shows the value.
+fn validate_properties(section: &str, props: &BTreeMap<String, String>, issues: &mut Vec<ConfigIssue>) {
+    for (name, value) in props {
+        let checked = rdkafka::ClientConfig::new().set(name, value).create_native_config();
+        if let Err(e) = checked {
+            issues.push(ConfigIssue {
+                key: format!("{section}.properties.{name}"),
+                reason: redact::kafka_config_reason(&e),
+            });
         }
-        _ => url.to_string(),
     }
 }
 
-/// `KAFKA_SIDECAR_<SECTION>__<KEY>=value` as nested config values (see [`env_value`]);
-/// librdkafka properties stay strings and
-/// `_` in their names stands for `.` (`..._PROPERTIES__SASL_PASSWORD` → `sasl.password`).
-fn env_dict(env: &[(String, String)]) -> Dict {
-    let mut root = Dict::new();
-    for (key, raw) in env {
-        let Some(rest) = key.strip_prefix(ENV_PREFIX).filter(|r| r.contains("__")) else {
-            continue;
-        };
-        let (path, value): (Vec<String>, Value) = match rest.strip_prefix("KAFKA__PROPERTIES__") {
-            Some(name) => (
-                vec![
-                    "kafka".into(),
-                    "properties".into(),
-                    name.to_ascii_lowercase().replace('_', "."),
-                ],
-                Value::from(raw.clone()),
-            ),
-            None => (rest.split("__").map(str::to_ascii_lowercase).collect(), env_value(raw)),
-        };
-        insert_path(&mut root, &path, value);
-    }
-    root
-}
-
-/// Parsed like a TOML scalar or array (`7`, `true`, `[400, 422]`); string fields accept
-/// numbers too (see [`lenient_string`]), so `GROUP_ID=1234` works.
-fn env_value(raw: &str) -> Value {
-    raw.parse().unwrap_or_else(|_| Value::from(raw.to_string()))
-}
-
-fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
-    let [first, rest @ ..] = path else { return };
-    if rest.is_empty() {
-        dict.insert(first.clone(), value);
-        return;
-    }
-    let child = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
-    if let Value::Dict(_, d) = child {
-        insert_path(d, rest, value);
-    }
+/// A TOML syntax error as an issue with its line and column. The parser's own message
+/// quotes the offending line, which may hold a secret, so only its description is kept.
+fn toml_syntax_error(text: &str) -> Option<ConfigIssue> {
+    let e = text.parse::<toml::Table>().err()?;
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        }
+        None => String::new(),
+    };
+    Some(ConfigIssue {
+        key: "config file".into(),
+        reason: format!("is not valid TOML{at}: {}", e.message().trim_end()),
+    })
 }
 
 /// Extracts each section on its own so that errors in several sections are all reported.
@@ -648,6 +646,7 @@ fn push_figment_errors(error: figment::Error, section: &str, issues: &mut Vec<Co
         } else {
             path.join(".")
         };
+        let reason = redact::config_reason(&key, reason);
         issues.push(ConfigIssue { key, reason });
     }
 }
@@ -788,6 +787,141 @@ mod tests {
     }
 
     #[test]
+    fn env_values_for_text_fields_stay_text_and_numbers_still_parse() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_KAFKA__GROUP_ID", "007"),
+                ("KAFKA_SIDECAR_KAFKA__TOPICS", "007"),
+                ("KAFKA_SIDECAR_KAFKA__CLIENT_ID", "1e3"),
+                ("KAFKA_SIDECAR_TELEMETRY__SERVICE_NAME", "42"),
+                ("KAFKA_SIDECAR_PIPELINE__WORKERS", "012"),
+                ("KAFKA_SIDECAR_PIPELINE__MAX_IN_FLIGHT_BYTES", "1048576"),
+                ("KAFKA_SIDECAR_PIPELINE__RESUME_THRESHOLD", "0.25"),
+                ("KAFKA_SIDECAR_BREAKER__ENABLED", "false"),
+                ("KAFKA_SIDECAR_DLQ__PROPERTIES__COMPRESSION_TYPE", "zstd"),
+                ("KAFKA_SIDECAR_DLQ__PROPERTIES__LINGER_MS", "007"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.group_id, "007", "the group is \"007\", not 7");
+        assert_eq!(c.kafka.topics, ["007"]);
+        assert_eq!(c.kafka.client_id, "1e3");
+        assert_eq!(c.telemetry.service_name, "42");
+        assert_eq!(c.pipeline.workers, 12);
+        assert_eq!(c.pipeline.max_in_flight_bytes, ByteSize::mib(1));
+        assert_eq!(c.pipeline.resume_threshold, 0.25);
+        assert!(!c.breaker.enabled);
+        assert_eq!(c.dlq.properties["compression.type"], "zstd");
+        assert_eq!(c.dlq.properties["linger.ms"], "007");
+        let e = load(MINIMAL, &[("KAFKA_SIDECAR_PIPELINE__WORKERS", "many")]).unwrap_err();
+        assert_eq!(keys(e), ["pipeline.workers"]);
+    }
+
+    /// Every duration key of every section, found in the defaults (their values parse as
+    /// durations), so a new duration field is covered without editing this test.
+    fn duration_keys() -> Vec<String> {
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        for (section, table) in defaults.as_table().unwrap() {
+            for (key, value) in table.as_table().unwrap() {
+                if value.as_str().is_some_and(|v| humantime::parse_duration(v).is_ok()) {
+                    keys.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn durations_that_would_overflow_the_clock_are_rejected_naming_the_key() {
+        let keys_found = duration_keys();
+        assert!(keys_found.len() >= 18, "{keys_found:?}");
+        for key in &keys_found {
+            let var = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"));
+            let e = load(MINIMAL, &[(&var, "1000000000 years")]).unwrap_err();
+            let issue = e.0.iter().find(|i| &i.key == key);
+            assert!(issue.is_some(), "{key}: {e}");
+            assert!(issue.unwrap().reason.contains("at most 100 years"), "{e}");
+        }
+        let (section, key) = keys_found[0].split_once('.').unwrap();
+        let e = load(&format!("{MINIMAL}\n[{section}]\n{key} = \"200y\"\n"), &[]).unwrap_err();
+        assert!(keys(e).contains(&keys_found[0]));
+    }
+
+    #[test]
+    fn a_session_timeout_librdkafka_would_refuse_is_invalid_at_load() {
+        let e = load(MINIMAL, &[("KAFKA_SIDECAR_KAFKA__SESSION_TIMEOUT", "2h")]).unwrap_err();
+        assert_eq!(keys(e), ["kafka.session_timeout"]);
+        assert!(load(MINIMAL, &[("KAFKA_SIDECAR_KAFKA__SESSION_TIMEOUT", "1h")]).is_ok());
+    }
+
+    #[test]
+    fn a_misspelled_librdkafka_property_is_invalid_and_its_value_is_never_shown() {
+        let toml = format!(
+            "{MINIMAL}\n[kafka.properties]\n\"sasl.pasword\" = \"hunter22\"\n[dlq.properties]\n\"linger.ms\" = \"soon-ish\"\n"
+        );
+        let e = load(&toml, &[]).unwrap_err();
+        assert_eq!(
+            keys(e.clone()),
+            ["kafka.properties.sasl.pasword", "dlq.properties.linger.ms"]
+        );
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter22") && !shown.contains("soon-ish"), "{shown}");
+        assert!(shown.contains("no such configuration property"), "{shown}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_does_not_quote_the_line() {
+        let toml = format!("{MINIMAL}\n[kafka.properties]\n\"sasl.password\" = \"hunter22\n");
+        let e = load(&toml, &[]).unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains("hunter22"), "{shown}");
+        assert_eq!(keys(e), ["config file"]);
+        assert!(shown.contains("line 10"), "{shown}");
+    }
+
+    #[test]
+    fn type_errors_in_secret_keys_do_not_quote_the_value() {
+        let toml = format!("{MINIMAL}\n[dedup]\nredis_url = [\"redis://:hunter22@h\"]\n");
+        let e = load(&toml, &[]).unwrap_err();
+        assert_eq!(keys(e.clone()), ["dedup.redis_url"]);
+        let toml = MINIMAL.replace(
+            "url = \"http://127.0.0.1:8080/\"",
+            "url = { x = \"http://u:hunter22@h/\" }",
+        );
+        let e = load(&toml, &[]).unwrap_err();
+        assert!(!e.to_string().contains("hunter22"), "{e}");
+        // serde quotes the string it found where a map was expected.
+        let e = load(
+            MINIMAL,
+            &[("KAFKA_SIDECAR_KAFKA__PROPERTIES", "sasl.password=hunter22")],
+        )
+        .unwrap_err();
+        assert_eq!(keys(e.clone()), ["kafka.properties"]);
+        assert!(
+            !e.to_string().contains("hunter22") && e.to_string().contains("<redacted>"),
+            "{e}"
+        );
+        let c = load(
+            MINIMAL,
+            &[
+                ("KAFKA_SIDECAR_APP__HEALTH_URL", "http://u:hunter22@127.0.0.1/health"),
+                (
+                    "KAFKA_SIDECAR_TELEMETRY__OTLP_ENDPOINT",
+                    "http://u:otlp-pw@127.0.0.1:4318/v1/traces",
+                ),
+                ("KAFKA_SIDECAR_APP__HEADERS__AUTHORIZATION", "Bearer tok-123"),
+            ],
+        )
+        .unwrap();
+        let shown = c.redacted_toml();
+        for secret in ["hunter22", "otlp-pw", "tok-123"] {
+            assert!(!shown.contains(secret), "{secret}: {shown}");
+        }
+    }
+
+    #[test]
     fn sizes_and_property_scalars_parse() {
         let toml = format!(
             "{MINIMAL}\n[pipeline]\nmax_in_flight_bytes = \"8MiB\"\n[kafka.properties]\n\"fetch.max.bytes\" = 1048576\n\"enable.partition.eof\" = false\n"
@@ -839,10 +973,7 @@ mod tests {
 
     #[test]
     fn url_passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://u:secret@h:6379/0"),
-            "redis://u:%3Credacted%3E@h:6379/0"
-        );
+        assert_eq!(redact_url("redis://u:secret@h:6379/0"), "redis://u:<redacted>@h:6379/0");
         assert_eq!(redact_url("http://h/"), "http://h/");
     }
 
@@ -877,6 +1008,54 @@ mod tests {
         assert!(
             missing.is_empty(),
             "config keys missing from config.toml.example: {missing:?}"
+        );
+    }
+
+    /// Same value, allowing for different spellings of a duration or a size.
+    fn same_setting(a: &toml::Value, b: &toml::Value) -> bool {
+        if a == b {
+            return true;
+        }
+        match (a.as_str(), b.as_str()) {
+            (Some(x), Some(y)) => {
+                let d = |t: &str| humantime::parse_duration(t).ok();
+                let size = |t: &str| t.parse::<ByteSize>().ok();
+                (d(x).is_some() && d(x) == d(y)) || (size(x).is_some() && size(x) == size(y))
+            }
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn config_example_shows_defaults_and_marks_every_other_value_as_an_example() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut section: Vec<String> = Vec::new();
+        let (mut checked, mut unmarked) = (0, Vec::new());
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.split('.').map(str::to_string).collect();
+                continue;
+            }
+            let Some((key, _)) = line.split_once(" = ").filter(|_| !line.starts_with('#')) else {
+                continue;
+            };
+            let parsed: toml::Table = toml::from_str(&line.replacen(key, "v", 1)).unwrap();
+            let mut default = Some(&defaults);
+            for part in section.iter().map(String::as_str).chain([key]) {
+                default = default.and_then(|d| d.get(part));
+            }
+            let default = default.unwrap_or_else(|| panic!("{key} in [{}] is not a config key", section.join(".")));
+            checked += 1;
+            if !same_setting(&parsed["v"], default) && !line.contains("# example; default: ") {
+                unmarked.push(format!("[{}] {line} (default: {default})", section.join(".")));
+            }
+        }
+        assert!(checked > 60, "only {checked} settings found in the example");
+        assert!(
+            unmarked.is_empty(),
+            "config.toml.example values that are not the default must say \"# example; default: ...\": {unmarked:#?}"
         );
     }
 }

@@ -179,12 +179,12 @@ impl AppClient {
             let status = self.client.get(url).send().await.map(|r| r.status());
             match status {
                 Ok(s) if s.is_success() => {
-                    tracing::info!(url, "app is healthy; joining the consumer group");
+                    tracing::info!(url = %crate::config::redact::url(url), "app is healthy; joining the consumer group");
                     return true;
                 }
                 other if n % 10 == 0 => {
                     let why = other.map_or_else(|e| error_chain(&e), |s| format!("status {s}"));
-                    tracing::info!(url, answer = %why, "waiting for the app to be healthy before joining the consumer group");
+                    tracing::info!(url = %crate::config::redact::url(url), answer = %why, "waiting for the app to be healthy before joining the consumer group");
                 }
                 _ => {}
             }
@@ -249,11 +249,21 @@ impl AppClient {
 
 fn transport_error(e: &reqwest::Error) -> Transport {
     if e.is_connect() {
-        Transport::Unreachable(error_chain(e))
+        Transport::Unreachable(error_text(e))
     } else if e.is_timeout() {
         Transport::Timeout
     } else {
-        Transport::Failed(error_chain(e))
+        Transport::Failed(error_text(e))
+    }
+}
+
+/// The error chain with the URL's credentials redacted: the text goes to logs and into
+/// `x-dlq-error` of dead-lettered records.
+fn error_text(e: &reqwest::Error) -> String {
+    let msg = error_chain(e);
+    match e.url() {
+        Some(u) => msg.replace(u.as_str(), &crate::config::redact::url(u.as_str())),
+        None => msg,
     }
 }
 

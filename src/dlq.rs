@@ -306,9 +306,10 @@ impl DeadLetters {
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc
-            .create()
-            .map_err(|e| anyhow::anyhow!("failed to create the DLQ producer: {e}"))?;
+        let producer: FutureProducer = cc.create().map_err(|e| {
+            let e = crate::config::redact::kafka_error(&e, "dlq.properties");
+            anyhow::anyhow!("failed to create the DLQ producer: {e}")
+        })?;
         Ok(Some(Self {
             producer,
             topic: cfg.dlq.topic.clone(),

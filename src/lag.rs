@@ -23,9 +23,10 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client: BaseConsumer = connection_config(cfg, "-lag")
-        .create()
-        .map_err(|e| anyhow::anyhow!("failed to create the lag monitor client: {e}"))?;
+    let client: BaseConsumer = connection_config(cfg, "-lag").create().map_err(|e| {
+        let e = crate::config::redact::kafka_error(&e, "kafka.properties");
+        anyhow::anyhow!("failed to create the lag monitor client: {e}")
+    })?;
     let interval = cfg.admin.lag_interval;
     std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {
         while !stop.is_cancelled() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kafka_sidecar::config::{Config, LogFormat};
+use kafka_sidecar::config::{redact, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -45,6 +45,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From here on every message the process writes is scrubbed of the config's secrets.
+    redact::install(&cfg);
     match cli.command {
         Command::CheckConfig { .. } => {
             print!("{}", cfg.redacted_toml());
@@ -59,7 +61,10 @@ fn run(cfg: Config) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("kafka-sidecar: failed to start the runtime: {e}");
+            eprintln!(
+                "kafka-sidecar: failed to start the runtime: {}",
+                redact::scrub(&e.to_string())
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -71,8 +76,9 @@ fn run(cfg: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("kafka-sidecar: {e:#}");
+            let message = redact::scrub(&format!("{e:#}")).into_owned();
+            tracing::error!("{message}");
+            eprintln!("kafka-sidecar: {message}");
             ExitCode::FAILURE
         }
     }
@@ -108,7 +114,7 @@ fn init_logging(cfg: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(redact::StderrWriter);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

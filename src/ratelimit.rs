@@ -89,11 +89,11 @@ pub struct RateLimitConfig {
     pub decrease_factor: f64,
     /// At most one decrease per interval: the 429s answering one wave of requests are one
     /// signal, not many.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub decrease_interval: Duration,
     /// Longest pause of all deliveries a `Retry-After` can impose. 0: `Retry-After` only
     /// delays the record it answered.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_retry_after: Duration,
 }
 

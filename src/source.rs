@@ -266,8 +266,10 @@ pub fn create_consumer(
         metrics,
         drain_timeout: k.revoke_drain_timeout,
     };
-    cc.create_with_context(context)
-        .map_err(|e| anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}"))
+    cc.create_with_context(context).map_err(|e| {
+        let e = crate::config::redact::kafka_error(&e, "kafka.properties");
+        anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}")
+    })
 }
 
 /// Connection and security settings (`security.protocol`, `sasl.*`, `ssl.*`, ...) shared by

@@ -130,7 +130,7 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<Option<SdkTracerProvider>> 
     let provider = provider.build();
     global::set_tracer_provider(provider.clone());
     EXPORTING.store(true, Ordering::Relaxed);
-    tracing::info!(protocol, endpoint = %if cfg.otlp_endpoint.is_empty() { from_env.unwrap_or_default() } else { cfg.otlp_endpoint.clone() }, "exporting traces over OTLP");
+    tracing::info!(protocol, endpoint = %crate::config::redact::url(&if cfg.otlp_endpoint.is_empty() { from_env.unwrap_or_default() } else { cfg.otlp_endpoint.clone() }), "exporting traces over OTLP");
     Ok(Some(provider))
 }
 

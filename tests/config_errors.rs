@@ -65,6 +65,25 @@ fn invalid_configs_exit_non_zero_with_a_message_naming_the_key() {
             format!("{VALID}\n[shutdown]\ngrace_period = \"forever\"\n"),
             "shutdown.grace_period",
         ),
+        // A duration that would overflow the clock when added to "now".
+        (
+            format!("{VALID}\n[breaker]\ncool_down = \"1000000000 years\"\n"),
+            "breaker.cool_down",
+        ),
+        (
+            format!("{VALID}\n[dedup]\ndone_ttl = \"200 years\"\n"),
+            "dedup.done_ttl",
+        ),
+        // librdkafka does not know the property (a typo).
+        (
+            format!("{VALID}\n[kafka.properties]\n\"sasl.pasword\" = \"x\"\n"),
+            "kafka.properties.sasl.pasword",
+        ),
+        (
+            format!("{VALID}\n[dlq.properties]\n\"linger.ms\" = \"later\"\n"),
+            "dlq.properties.linger.ms",
+        ),
+        (format!("{VALID}\n[log]\nlevel = \"info\n"), "config file"),
     ];
     for (toml, key) in &cases {
         for sub in ["check-config", "run"] {
@@ -72,5 +91,46 @@ fn invalid_configs_exit_non_zero_with_a_message_naming_the_key() {
             assert_ne!(code, 0, "{sub} must fail for {key}");
             assert!(stderr.contains(key), "{sub}: message must name {key}: {stderr}");
         }
+    }
+}
+
+fn check_env(env: &[(&str, &str)], subcommand: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, VALID).unwrap();
+    let out = Command::new(common::binary())
+        .args([subcommand, "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn env_overrides_keep_text_as_text_and_invalid_ones_name_the_key() {
+    let (code, stdout, stderr) = check_env(
+        &[
+            ("KAFKA_SIDECAR_KAFKA__GROUP_ID", "007"),
+            ("KAFKA_SIDECAR_PIPELINE__WORKERS", "3"),
+            ("KAFKA_SIDECAR_DLQ__PROPERTIES__COMPRESSION_TYPE", "zstd"),
+        ],
+        "check-config",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("group_id = \"007\""), "{stdout}");
+    assert!(stdout.contains("workers = 3"), "{stdout}");
+    assert!(stdout.contains("\"compression.type\" = \"zstd\""), "{stdout}");
+    for sub in ["check-config", "run"] {
+        let (code, _, stderr) = check_env(&[("KAFKA_SIDECAR_APP__TIMEOUT", "1000000000 years")], sub);
+        assert_ne!(code, 0, "{sub} must fail");
+        assert!(
+            stderr.contains("app.timeout") && stderr.contains("at most 100 years"),
+            "{sub}: {stderr}"
+        );
     }
 }

@@ -50,17 +50,17 @@ pub struct DedupConfig {
     pub key: String,
     /// How long a claim ("delivery in progress") lasts. A consumer that dies mid-delivery
     /// holds the key at most this long; a longer delivery keeps it by claiming again.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub lease_ttl: Duration,
     /// How long a key stays done after its record was delivered: the dedup window.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub done_ttl: Duration,
     /// While Redis is unavailable: "pause" (stop delivering, retry Redis with backoff: no
     /// loss, no duplicate) or "deliver" (deliver without dedup, counted and logged).
     pub on_error: OnError,
     /// Bound of one Redis operation on a batch, reconnecting included; past it the operation
     /// fails as "redis unavailable".
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub timeout: Duration,
     /// Most keys the embedded in-memory store holds; beyond it expired keys go first, then
     /// the ones closest to expiry.
