@@ -1,12 +1,19 @@
 //! Wires the pipeline together and owns the one shutdown path:
 //! signal → stop reading → drain under the grace period → commit → leave the group →
 //! flush the DLQ producer → return.
+//!
+//! The same path runs when a part stops on its own (the poll thread panicked or stopped
+//! reading, the scheduler ended): what is finished is still committed, the group is left and
+//! the DLQ producer flushed, and `run` returns an error naming what stopped, so the process
+//! exits non-zero and its supervisor restarts it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
@@ -19,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::ratelimit::RateLimiter;
 use crate::scheduler::{InFlight, Scheduler, Settings};
-use crate::source::{self, Limits, PollLoop, SourceState};
+use crate::source::{self, Limits, PollLoop, PollThread, SourceState};
 use crate::worker::Worker;
 use crate::{lag, telemetry};
 
@@ -89,8 +96,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         workers: cfg.pipeline.workers,
         batch: cfg.batch.clone(),
     };
-    let mut scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
-    let poll_done = PollLoop {
+    let scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    let poll = PollLoop {
         consumer,
         topics: cfg.kafka.topics.clone(),
         brokers: cfg.kafka.brokers.clone(),
@@ -108,37 +115,136 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     .spawn()
     .context("failed to start the poll thread")?;
 
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = &mut scheduler => {
-            tracing::error!("scheduler stopped unexpectedly; shutting down");
-            shutdown.cancel();
-        }
-    }
-
+    let mut stop = Shutdown {
+        scheduler: Some(scheduler),
+        poll,
+        fault: None,
+    };
+    stop.wait_for_stop(&shutdown).await;
     // Leave a slice of the grace period for the commit, the group leave and the DLQ flush.
     let grace = cfg.shutdown.grace_period;
     let reserve = (grace / 4).min(Duration::from_secs(5));
+    let drain_deadline = after(grace - reserve);
+    state.begin_shutdown(drain_deadline.into_std(), &tracker);
     let (records, _) = in_flight.get();
     tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
-    if tokio::time::timeout(grace - reserve, &mut scheduler).await.is_err() {
-        let (records, _) = in_flight.get();
-        tracing::warn!(
-            unfinished = records,
-            "grace period over; unfinished records are not committed and will be delivered again"
-        );
-        hard_stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), &mut scheduler).await;
-    }
+    stop.drain(drain_deadline, &hard_stop, &in_flight).await;
     close.cancel();
-    if tokio::time::timeout(reserve, poll_done).await.is_err() {
-        tracing::error!("the Kafka consumer did not close in time");
-    }
+    stop.close_consumer(reserve).await;
     if let Some(dlq) = &worker.dlq {
         let dlq_flush = reserve / 2;
         tokio::task::block_in_place(|| dlq.flush(dlq_flush));
     }
     telemetry::shutdown(tracer);
-    tracing::info!("shutdown complete");
-    Ok(())
+    match stop.fault {
+        None => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        Some(fault) => {
+            tracing::error!(fault = %fault, "shut down after a fault (committed what was finished, left the group)");
+            Err(anyhow::anyhow!("stopped because {fault}"))
+        }
+    }
+}
+
+/// The running parts during shutdown, and the first fault seen.
+struct Shutdown {
+    /// `None` once awaited: a `JoinHandle` must not be polled after it completed.
+    scheduler: Option<JoinHandle<()>>,
+    poll: PollThread,
+    /// What stopped on its own (the process exits non-zero).
+    fault: Option<String>,
+}
+
+impl Shutdown {
+    /// Waits for the shutdown signal, or for the poll thread or the scheduler to stop on
+    /// their own, which is a fault and starts the shutdown.
+    async fn wait_for_stop(&mut self, shutdown: &CancellationToken) {
+        let Some(scheduler) = self.scheduler.as_mut() else {
+            return;
+        };
+        let (fault, scheduler_ended) = tokio::select! {
+            // First: a part that ends after the signal ends because of it.
+            biased;
+            _ = shutdown.cancelled() => (None, false),
+            result = scheduler => (Some(scheduler_fault(result)), true),
+            failed = &mut self.poll.failed => {
+                (Some(failed.unwrap_or_else(|_| "the Kafka poll thread died".into())), false)
+            }
+        };
+        if scheduler_ended {
+            self.scheduler = None;
+        }
+        if let Some(fault) = fault {
+            tracing::error!(fault = %fault, "a part of the pipeline stopped; shutting down");
+            self.fault.get_or_insert(fault);
+            shutdown.cancel();
+        }
+    }
+
+    /// Lets the scheduler finish the records already read until `deadline`, then abandons
+    /// the rest (not committed; delivered again after the restart).
+    async fn drain(&mut self, deadline: Instant, hard_stop: &CancellationToken, in_flight: &InFlight) {
+        let Some(mut scheduler) = self.scheduler.take() else {
+            // No scheduler: nothing will report the jobs still running; stop them.
+            hard_stop.cancel();
+            return;
+        };
+        let result = match tokio::time::timeout_at(deadline, &mut scheduler).await {
+            Ok(result) => result,
+            Err(_) => {
+                let (records, _) = in_flight.get();
+                tracing::warn!(
+                    unfinished = records,
+                    "grace period over; unfinished records are not committed and will be delivered again"
+                );
+                hard_stop.cancel();
+                match tokio::time::timeout(Duration::from_secs(1), scheduler).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Err(e) = result {
+            self.fault.get_or_insert(scheduler_fault(Err(e)));
+        }
+    }
+
+    /// Waits (up to `reserve`) for the poll thread's final commit and group leave.
+    async fn close_consumer(&mut self, reserve: Duration) {
+        match tokio::time::timeout(reserve, &mut self.poll.closed).await {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(problem))) => {
+                self.fault.get_or_insert(problem);
+            }
+            Ok(Err(_)) => {
+                self.fault.get_or_insert("the Kafka poll thread died before closing the consumer".into());
+            }
+            Err(_) => tracing::error!("the Kafka consumer did not close in time"),
+        }
+        // A stop reason the poll thread reported after the wait for the signal was over.
+        if let Ok(reason) = self.poll.failed.try_recv() {
+            self.fault.get_or_insert(reason);
+        }
+    }
+}
+
+/// `now + d`, or a far-off instant when that does not fit.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+fn scheduler_fault(result: Result<(), JoinError>) -> String {
+    match result {
+        Ok(()) => "the scheduler stopped unexpectedly".into(),
+        Err(e) if e.is_panic() => format!(
+            "the scheduler panicked: {}",
+            crate::scheduler::panic_message(&*e.into_panic())
+        ),
+        Err(e) => format!("the scheduler task failed: {e}"),
+    }
 }

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub dedup_errors: Family<DedupLabels, Counter>,
     pub dedup_bypassed: Counter,
     pub dedup_key_fallbacks: Counter,
+    /// Delivery jobs that panicked (each panic once); their records are run again or dead-lettered.
+    pub job_panics: Counter,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -203,7 +205,14 @@ impl Metrics {
             "Records whose configured idempotency key source was missing, so the offset was used",
             dedup_key_fallbacks.clone(),
         );
+        let job_panics = Counter::default();
+        registry.register(
+            "job_panics",
+            "Delivery jobs that panicked (a bug): their records are run again, then dead-lettered with error class panic",
+            job_panics.clone(),
+        );
         Self {
+            job_panics,
             batch_size,
             dedup_seconds,
             dedup_errors,

@@ -9,16 +9,22 @@
 //!   slow to read that prefetch soon (or the breaker opens) is every assigned partition
 //!   paused, until in-flight falls below the resume threshold. Records are never buffered
 //!   past the limit or dropped.
-//! - Revoke: wait (up to `revoke_drain_timeout`) until the revoked partitions' records are
-//!   finished, commit their watermark synchronously, then let the unassign happen. A lost
-//!   assignment is not committed (another member owns it already).
+//! - Revoke: wait (up to `revoke_drain_timeout`, and once shutdown began no longer than its
+//!   drain deadline) until the revoked partitions' records are finished, commit their
+//!   watermark synchronously, then let the unassign happen. A lost assignment is not
+//!   committed (another member owns it already). The wait is woken by the offset tracker
+//!   when records finish, not by polling it.
 //! - Shutdown: stop reading and pause; keep polling so the membership stays healthy while
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
+//! - Faults: the thread's work is panic-safe. If reading panics or stops on its own (the
+//!   scheduler is gone, subscribing failed), the thread reports it ([`PollThread::failed`])
+//!   and still drains, commits what is finished and closes the consumer when told to.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -35,15 +41,16 @@ use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
-use crate::scheduler::{InFlight, Input};
+use crate::scheduler::{panic_message, InFlight, Input};
 
 mod backpressure;
 
 pub use backpressure::Limits;
 use backpressure::{Flow, Pressure};
 
-/// Sleep between checks while holding at the in-flight limit.
-const HOLD_TICK: Duration = Duration::from_millis(1);
+/// Longest wait while holding at the in-flight limit before the loop looks again (commit
+/// interval, rate window, breaker). A release of records ends the wait at once.
+const HOLD_WAIT: Duration = Duration::from_millis(50);
 /// How often partitions paused at their share are checked for resuming.
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
@@ -54,8 +61,24 @@ pub struct SourceState {
     pub joined: AtomicBool,
     /// Partitions are paused by backpressure.
     pub paused: AtomicBool,
-    /// Shutdown began: stop reading, do not wait in revoke callbacks.
+    /// The drain is over: do not wait in revoke callbacks.
     pub closing: AtomicBool,
+    /// Once shutdown began: when its drain ends. Revoke callbacks wait no longer than this.
+    shutdown_deadline: Mutex<Option<Instant>>,
+}
+
+impl SourceState {
+    /// Shutdown began and its drain ends at `deadline`: a revoke drain under way or to come
+    /// waits no longer than that, so the final commit and the group leave still fit in the
+    /// grace period.
+    pub fn begin_shutdown(&self, deadline: Instant, tracker: &OffsetTracker) {
+        *self.shutdown_deadline.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+        tracker.wake_waiters();
+    }
+
+    fn shutdown_deadline(&self) -> Option<Instant> {
+        *self.shutdown_deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// librdkafka callbacks.
@@ -122,12 +145,16 @@ impl SourceContext {
         if !lost && !closing {
             // Let the workers finish what was read from these partitions, so that the
             // commit below covers it and the new owner does not deliver it again.
-            let deadline = Instant::now() + self.drain_timeout;
-            while self.tracker.unfinished(&tps) > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let left = self.tracker.unfinished(&tps);
-            if left > 0 {
+            let timeout = deadline_after(self.drain_timeout);
+            let deadline = || self.state.shutdown_deadline().map_or(timeout, |d| d.min(timeout));
+            let left = self.tracker.wait_finished(&tps, deadline);
+            if left > 0 && self.state.shutdown_deadline().is_some_and(|d| d < timeout) {
+                tracing::warn!(
+                    records = left,
+                    "revoke drain cut short by the shutdown deadline (shutdown.grace_period); \
+                     unfinished records will be redelivered by the new owner"
+                );
+            } else if left > 0 {
                 tracing::warn!(
                     records = left,
                     "revoke drain timed out; unfinished records will be redelivered by the new owner"
@@ -261,29 +288,71 @@ pub struct PollLoop {
     pub close: CancellationToken,
 }
 
+/// The running poll thread, as the app sees it.
+pub struct PollThread {
+    /// Resolves with the reason when the thread stopped reading before shutdown asked it to
+    /// (it panicked, the scheduler is gone, subscribing failed). The thread then drains as in
+    /// a shutdown. Resolves with an error only if the thread died without saying why.
+    pub failed: tokio::sync::oneshot::Receiver<String>,
+    /// Resolves when the consumer is closed (the group left), with a problem met on the way
+    /// (a panic while draining, committing or closing), if any.
+    pub closed: tokio::sync::oneshot::Receiver<Option<String>>,
+}
+
 impl PollLoop {
-    /// Runs the loop on a dedicated thread; the handle's result arrives when the consumer is closed.
-    pub fn spawn(self) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    /// Runs the loop on a dedicated thread.
+    pub fn spawn(self) -> std::io::Result<PollThread> {
+        let (failed_tx, failed) = tokio::sync::oneshot::channel();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
-            self.run();
-            let _ = done_tx.send(());
+            let problem = self.run(failed_tx);
+            let _ = closed_tx.send(problem);
         })?;
-        Ok(done_rx)
+        Ok(PollThread { failed, closed })
     }
 
-    fn run(self) {
-        if self.connect_and_subscribe() {
-            self.read();
-            self.drain();
+    /// Reads until stopped, drains until `close`, commits and closes the consumer. A panic in
+    /// any step is caught and reported, and the steps after it still run: whatever happens,
+    /// what is finished is committed and the group is left.
+    fn run(self, failed: tokio::sync::oneshot::Sender<String>) -> Option<String> {
+        let stopped_early = match catch_unwind(AssertUnwindSafe(|| self.read_until_stopped())) {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(reason),
+            Err(panic) => Some(format!("the Kafka poll thread panicked: {}", panic_message(&*panic))),
+        };
+        if let Some(reason) = stopped_early {
+            tracing::error!("{reason}; draining what was read, then committing and leaving the group");
+            let _ = failed.send(reason);
+        }
+        let mut problem = None;
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.drain())) {
+            problem = Some(format!("the Kafka poll thread panicked while draining: {}", panic_message(&*panic)));
         }
         self.state.closing.store(true, Ordering::Relaxed);
-        let positions = self.tracker.positions_to_commit();
-        commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.commit())) {
+            problem = Some(format!("the final offset commit panicked: {}", panic_message(&*panic)));
+        }
         tracing::info!("closing the Kafka consumer (leaving the group)");
         let PollLoop { consumer, .. } = self;
-        drop(consumer);
-        tracing::info!("Kafka consumer closed");
+        match catch_unwind(AssertUnwindSafe(|| drop(consumer))) {
+            Ok(()) => tracing::info!("Kafka consumer closed"),
+            Err(panic) => problem = Some(format!("closing the Kafka consumer panicked: {}", panic_message(&*panic))),
+        }
+        if let Some(problem) = &problem {
+            tracing::error!("{problem}");
+        }
+        problem
+    }
+
+    /// Connects, subscribes and reads until `stop`. An error names why it stopped before.
+    fn read_until_stopped(&self) -> Result<(), String> {
+        if !self.connect_and_subscribe() {
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+            return Err("subscribing to the topics failed".into());
+        }
+        self.read()
     }
 
     /// Waits until the brokers answer, then subscribes. False if shutdown came first.
@@ -330,7 +399,8 @@ impl PollLoop {
         }
     }
 
-    fn read(&self) {
+    /// Reads until `stop`; an error when the scheduler stopped taking records.
+    fn read(&self) -> Result<(), String> {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
@@ -339,7 +409,8 @@ impl PollLoop {
         let mut capped = HashSet::new();
         let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
-            let flow = self.apply_backpressure(&mut pressure, &capped);
+            let seen = self.in_flight.get();
+            let flow = self.apply_backpressure(&mut pressure, &capped, seen);
             if last_share_check.elapsed() >= SHARE_CHECK {
                 self.release_shares(&pressure, &mut capped);
                 last_share_check = Instant::now();
@@ -349,7 +420,9 @@ impl PollLoop {
                 last_commit = Instant::now();
             }
             if flow == Flow::Hold {
-                std::thread::sleep(HOLD_TICK);
+                // No poll while holding: it would hand over a record. Holding ends within a
+                // rate window (or partitions are paused and polled), well within max.poll.interval.
+                self.in_flight.wait_for_release(seen, HOLD_WAIT);
                 continue;
             }
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
@@ -376,13 +449,13 @@ impl PollLoop {
             pressure.on_read(record.size());
             self.metrics.record_outcome(&record, "consumed");
             if self.input.blocking_send(Input::Record(record)).is_err() {
-                tracing::error!("scheduler stopped unexpectedly; stopping consumption");
-                return;
+                return Err("the scheduler stopped taking records".into());
             }
             if pressure.is_slow() {
                 self.cap_share(&pressure, tp, &mut capped);
             }
         }
+        Ok(())
     }
 
     /// While the pipeline is slow, pauses a partition that holds its share of the record limit.
@@ -461,8 +534,12 @@ impl PollLoop {
     }
 
     /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
-    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &HashSet<TopicPartition>) -> Flow {
-        let (records, bytes) = self.in_flight.get();
+    fn apply_backpressure(
+        &self,
+        pressure: &mut Pressure,
+        capped: &HashSet<TopicPartition>,
+        (records, bytes): (usize, usize),
+    ) -> Flow {
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
         let flow = pressure.update(Instant::now(), records, bytes);
@@ -527,6 +604,14 @@ impl PollLoop {
         let positions = self.tracker.positions_to_commit();
         commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
     }
+}
+
+/// `now + d`, or a far-off instant when that does not fit.
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 fn commit_sync(

@@ -1,0 +1,240 @@
+//! No panic, no wedge: shutdown during a rebalance honours the grace period and still commits
+//! and leaves the group; a delivery that panics neither wedges its lane nor drops its record.
+//! Real broker, real HTTP app; the shutdown test runs the real binary.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kafka_sidecar::breaker::Breaker;
+use kafka_sidecar::config::{Config, DeliveryMode, Ordering};
+use kafka_sidecar::delivery::AppClient;
+use kafka_sidecar::dlq::DeadLetters;
+use kafka_sidecar::metrics::Metrics;
+use kafka_sidecar::offsets::{OffsetTracker, TopicPartition};
+use kafka_sidecar::ratelimit::RateLimiter;
+use kafka_sidecar::record::Record;
+use kafka_sidecar::scheduler::{InFlight, Input, JobRunner, Scheduler, Settings};
+use kafka_sidecar::worker::Worker;
+use tokio_util::sync::CancellationToken;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// SIGTERM while the member is inside a revoke callback waiting for a slow app, with
+/// `revoke_drain_timeout = 60s` and `grace_period = 5s`: the revoke wait is cut at the
+/// shutdown deadline, so the member exits 0 in time *and* commits what it finished and leaves
+/// the group. (Before, it waited in the callback past the grace period and exited without the
+/// final commit: everything finished during the revoke was delivered again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commits_what_was_finished() {
+    require_kafka();
+    const PARTITIONS: i32 = 4;
+    const PER_PARTITION: i64 = 50;
+    const DELAY: Duration = Duration::from_millis(400);
+    let topic = unique("term-revoke");
+    create_topic(&topic, PARTITIONS).await;
+    let records = (0..PARTITIONS)
+        .flat_map(|p| {
+            (0..PER_PARTITION).map(move |i| Out {
+                key: None,
+                value: format!("p{p}-{i}"),
+                partition: Some(p),
+                headers: vec![],
+            })
+        })
+        .collect();
+    produce(&topic, records).await;
+    let app = TestApp::start(|_| Answer {
+        delay: DELAY,
+        ..Answer::ok()
+    })
+    .await;
+    let mut cfg = SidecarConfig::new(&topic, &app);
+    // One lane per partition: what a partition finished is a prefix, so the commit covers it.
+    cfg.ordering = "partition";
+    let toml = cfg
+        .toml()
+        .replace(
+            "session_timeout = \"10s\"",
+            "session_timeout = \"10s\"\nrevoke_drain_timeout = \"60s\"",
+        )
+        .replace("grace_period = \"15s\"", "grace_period = \"5s\"");
+
+    let mut first = Sidecar::start_toml(&toml);
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 4).await,
+        "stream did not start"
+    );
+    let _second = Sidecar::start_toml(&toml);
+    assert!(
+        wait_until(MINUTE, || first
+            .log()
+            .lines()
+            .any(|l| l.contains("partitions revoked") && l.contains(&topic)))
+        .await,
+        "the second member did not cause a revoke on the first"
+    );
+    let revoking = Instant::now();
+    // The revoked partitions hold ~20 s of work at this app's pace (it was all read at once):
+    // the first member stays in the revoke callback while records keep finishing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sigterm = Instant::now();
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = first
+        .wait_exit(Duration::from_secs(5 + 10))
+        .await
+        .expect("exits within the grace period (plus a margin), not after revoke_drain_timeout");
+    assert!(status.success(), "exit status {status:?}\n{}", first.log());
+    let log = first.log();
+    assert!(
+        log.contains("revoke drain cut short by the shutdown deadline"),
+        "the revoke wait ended at the shutdown deadline:\n{log}"
+    );
+    assert!(log.contains("Kafka consumer closed"), "left the group:\n{log}");
+
+    // The second member takes everything over and finishes the topic.
+    let total = (PARTITIONS as i64 * PER_PARTITION) as usize;
+    let distinct = || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len();
+    assert!(
+        wait_until(2 * MINUTE, || distinct() >= total).await,
+        "only {} of {total} records delivered",
+        distinct()
+    );
+    let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, PARTITIONS, MINUTE).await;
+    assert_eq!(committed, ends);
+
+    // Whatever the app had answered before the SIGTERM was committed: never delivered again.
+    let delivered = app.delivered();
+    let mut times: HashMap<(i32, i64), usize> = HashMap::new();
+    for r in &delivered {
+        *times.entry(r.id()).or_default() += 1;
+    }
+    let finished_before: HashSet<(i32, i64)> = delivered
+        .iter()
+        .filter(|r| r.at + DELAY < sigterm)
+        .map(|r| r.id())
+        .collect();
+    let during_revoke = delivered
+        .iter()
+        .filter(|r| r.at > revoking && r.at + DELAY < sigterm)
+        .count();
+    assert!(
+        during_revoke > 0,
+        "the test needs records finished while the first member was in the revoke callback"
+    );
+    let again: Vec<_> = finished_before.iter().filter(|id| times[id] > 1).collect();
+    assert!(
+        again.is_empty(),
+        "records finished before the SIGTERM were delivered again ((partition, offset)): {again:?}"
+    );
+}
+
+/// Wraps the real worker and panics on one offset, as a bug on some input would.
+struct PanicsOn {
+    worker: Worker,
+    offset: i64,
+}
+
+impl JobRunner for PanicsOn {
+    async fn run(&self, job: &[Record]) {
+        if job.iter().any(|r| r.offset == self.offset) {
+            panic!("delivery bug on offset {}", self.offset);
+        }
+        self.worker.deliver(job).await;
+    }
+
+    async fn after_panic(&self, job: &[Record], panics: u32, message: &str) -> bool {
+        JobRunner::after_panic(&self.worker, job, panics, message).await
+    }
+}
+
+/// A record whose delivery panics is run again, then dead-lettered with error class `panic`;
+/// its lane goes on with the next record, the offsets commit past it, and each panic is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_delivery_panics_is_dead_lettered_and_its_lane_goes_on() {
+    require_kafka();
+    let topic = unique("panics");
+    let dlq = unique("panics-dlq");
+    create_topic(&dlq, 1).await;
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.group_id = unique("group");
+    cfg.app.url = app.url();
+    cfg.dlq.topic = dlq.clone();
+    cfg.retry.max_attempts = 3;
+    cfg.retry.initial_backoff = Duration::from_millis(10);
+    cfg.retry.max_backoff = Duration::from_millis(100);
+
+    let metrics = Arc::new(Metrics::new());
+    let tracker = Arc::new(OffsetTracker::default());
+    let worker = Worker {
+        app: AppClient::new(&cfg.app, &cfg.kafka.group_id).unwrap(),
+        dlq: DeadLetters::from_config(&cfg).unwrap(),
+        tracker: tracker.clone(),
+        retry: cfg.retry.clone(),
+        metrics: metrics.clone(),
+        breaker: Arc::new(Breaker::new(cfg.breaker.clone())),
+        limiter: RateLimiter::new(&cfg.rate_limit, 2),
+        group: cfg.kafka.group_id.clone(),
+        hard_stop: CancellationToken::new(),
+        dedup: None,
+        key_source: cfg.dedup.key_source(),
+    };
+    let settings = Settings {
+        ordering: Ordering::Partition,
+        mode: DeliveryMode::Single,
+        workers: 2,
+        batch: cfg.batch.clone(),
+    };
+    let in_flight = Arc::new(InFlight::default());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let runner = Arc::new(PanicsOn { worker, offset: 1 });
+    let scheduler = tokio::spawn(Scheduler::new(settings, runner, in_flight.clone()).run(rx));
+
+    let tp = TopicPartition::new(topic.as_str(), 0);
+    tracker.assign(std::slice::from_ref(&tp));
+    for offset in 0..3 {
+        let record = Record {
+            topic: topic.as_str().into(),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            key: Some(bytes::Bytes::from(format!("k{offset}"))),
+            value: Some(bytes::Bytes::from(format!("v{offset}"))),
+            headers: Vec::new(),
+            generation: tracker.read(&tp, offset, None),
+        };
+        in_flight.add(record.size());
+        tx.send(Input::Record(record)).await.unwrap();
+    }
+    tx.send(Input::End).await.unwrap();
+    tokio::time::timeout(MINUTE, scheduler)
+        .await
+        .expect("the scheduler finished: nothing wedged")
+        .expect("the scheduler itself did not panic");
+
+    let offsets: Vec<i64> = app.delivered().iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [0, 2], "the lane went on after the panicking record");
+    let dead = read_all(&dlq, 1);
+    assert_eq!(dead.len(), 1, "the panicking record is dead-lettered once");
+    assert_eq!(dead[0].value.as_deref(), Some(&b"v1"[..]));
+    assert_eq!(dead[0].headers["x-dlq-error-class"], "panic");
+    assert_eq!(dead[0].headers["x-dlq-source-offset"], "1");
+    assert!(
+        dead[0].headers["x-dlq-error-message"].contains("delivery bug on offset 1"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(tracker.positions_to_commit(), vec![(tp, 3)], "commits pass it");
+    assert_eq!(in_flight.get(), (0, 0));
+    let text = metrics.encode();
+    assert_eq!(
+        metric(&text, "kafka_sidecar_job_panics_total", &[]),
+        Some(3.0),
+        "one per panic (retry.max_attempts = 3)"
+    );
+}
