@@ -1,6 +1,6 @@
 //! Wires the pipeline together and owns the one shutdown path:
-//! signal → stop reading → drain under the grace period → commit → leave the group →
-//! flush the DLQ producer → return.
+//! signal → stop reading → drain under the grace period → commit → leave the group (and
+//! meanwhile flush the DLQ producer) → return, all within `shutdown.grace_period`.
 //!
 //! The same path runs when a part stops on its own (the poll thread panicked or stopped
 //! reading, the scheduler ended): what is finished is still committed, the group is left and
@@ -121,20 +121,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         fault: None,
     };
     stop.wait_for_stop(&shutdown).await;
-    // Leave a slice of the grace period for the commit, the group leave and the DLQ flush.
-    let grace = cfg.shutdown.grace_period;
-    let reserve = (grace / 4).min(Duration::from_secs(5));
-    let drain_deadline = after(grace - reserve);
-    state.begin_shutdown(drain_deadline.into_std(), &tracker);
+    let deadlines = Deadlines::new(cfg.shutdown.grace_period);
+    state.begin_shutdown(deadlines.drain.into_std(), deadlines.commit.into_std(), &tracker);
     let (records, _) = in_flight.get();
-    tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
-    stop.drain(drain_deadline, &hard_stop, &in_flight).await;
+    tracing::info!(in_flight = records, grace = ?cfg.shutdown.grace_period, "shutting down: finishing records already read");
+    stop.drain(&deadlines, &hard_stop, &in_flight).await;
     close.cancel();
-    stop.close_consumer(reserve).await;
+    // The DLQ flush runs while the poll thread commits and closes the consumer.
     if let Some(dlq) = &worker.dlq {
-        let dlq_flush = reserve / 2;
+        let dlq_flush = deadlines.reserve / 2;
         tokio::task::block_in_place(|| dlq.flush(dlq_flush));
     }
+    stop.close_consumer(deadlines.exit).await;
     telemetry::shutdown(tracer);
     match stop.fault {
         None => {
@@ -144,6 +142,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(fault) => {
             tracing::error!(fault = %fault, "shut down after a fault (committed what was finished, left the group)");
             Err(anyhow::anyhow!("stopped because {fault}"))
+        }
+    }
+}
+
+/// How the grace period is spent once shutdown began.
+struct Deadlines {
+    /// The last part of the grace period (a quarter, at most 5 s), kept for the final commit,
+    /// the group leave and the DLQ flush.
+    reserve: Duration,
+    /// Records still unfinished then are abandoned (`hard_stop`); revoke drains end by then.
+    drain: Instant,
+    /// A final commit refused by a rebalance is retried until then.
+    commit: Instant,
+    /// The consumer must be closed (the group left) by then: the end of the grace period.
+    exit: Instant,
+}
+
+impl Deadlines {
+    fn new(grace: Duration) -> Self {
+        let reserve = (grace / 4).min(Duration::from_secs(5));
+        Self {
+            reserve,
+            drain: after(grace - reserve),
+            commit: after(grace - reserve / 4),
+            exit: after(grace),
         }
     }
 }
@@ -185,13 +208,13 @@ impl Shutdown {
 
     /// Lets the scheduler finish the records already read until `deadline`, then abandons
     /// the rest (not committed; delivered again after the restart).
-    async fn drain(&mut self, deadline: Instant, hard_stop: &CancellationToken, in_flight: &InFlight) {
+    async fn drain(&mut self, deadlines: &Deadlines, hard_stop: &CancellationToken, in_flight: &InFlight) {
         let Some(mut scheduler) = self.scheduler.take() else {
             // No scheduler: nothing will report the jobs still running; stop them.
             hard_stop.cancel();
             return;
         };
-        let result = match tokio::time::timeout_at(deadline, &mut scheduler).await {
+        let result = match tokio::time::timeout_at(deadlines.drain, &mut scheduler).await {
             Ok(result) => result,
             Err(_) => {
                 let (records, _) = in_flight.get();
@@ -200,7 +223,8 @@ impl Shutdown {
                     "grace period over; unfinished records are not committed and will be delivered again"
                 );
                 hard_stop.cancel();
-                match tokio::time::timeout(Duration::from_secs(1), scheduler).await {
+                // Jobs stop at once on the hard stop; do not eat into the commit's time.
+                match tokio::time::timeout(deadlines.reserve / 4, scheduler).await {
                     Ok(result) => result,
                     Err(_) => return,
                 }
@@ -211,9 +235,9 @@ impl Shutdown {
         }
     }
 
-    /// Waits (up to `reserve`) for the poll thread's final commit and group leave.
-    async fn close_consumer(&mut self, reserve: Duration) {
-        match tokio::time::timeout(reserve, &mut self.poll.closed).await {
+    /// Waits (until `deadline`) for the poll thread's final commit and group leave.
+    async fn close_consumer(&mut self, deadline: Instant) {
+        match tokio::time::timeout_at(deadline, &mut self.poll.closed).await {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(problem))) => {
                 self.fault.get_or_insert(problem);

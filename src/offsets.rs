@@ -228,13 +228,15 @@ impl OffsetTracker {
         }
     }
 
-    /// Stops tracking revoked partitions; returns their final commit positions.
+    /// Stops tracking revoked partitions; returns their final commit positions (those not
+    /// confirmed committed already).
     pub fn revoke(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
         let mut parts = self.lock();
         tps.iter()
             .filter_map(|tp| {
                 let state = parts.remove(tp)?;
-                Some((tp.clone(), state.position()?))
+                let pos = state.position()?;
+                state.committed.is_none_or(|c| pos > c).then(|| (tp.clone(), pos))
             })
             .collect()
     }
@@ -355,6 +357,18 @@ mod tests {
         t.finish(&tp(0), 10, g);
         t.committed(&[(tp(0), 11)]);
         assert_eq!(t.snapshot()[0].lag, Some(4));
+    }
+
+    #[test]
+    fn a_revoke_returns_no_position_that_is_committed_already() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0), tp(1)]);
+        let g0 = t.read(&tp(0), 0, None);
+        let g1 = t.read(&tp(1), 0, None);
+        t.finish(&tp(0), 0, g0);
+        t.finish(&tp(1), 0, g1);
+        t.committed(&[(tp(0), 1)]);
+        assert_eq!(t.revoke(&[tp(0), tp(1)]), vec![(tp(1), 1)]);
     }
 
     #[test]

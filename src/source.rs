@@ -51,6 +51,8 @@ use backpressure::{Flow, Pressure};
 /// Longest wait while holding at the in-flight limit before the loop looks again (commit
 /// interval, rate window, breaker). A release of records ends the wait at once.
 const HOLD_WAIT: Duration = Duration::from_millis(50);
+/// Poll between tries of a final commit refused by a rebalance.
+const FINAL_COMMIT_POLL: Duration = Duration::from_millis(100);
 /// How often partitions paused at their share are checked for resuming.
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
@@ -63,21 +65,30 @@ pub struct SourceState {
     pub paused: AtomicBool,
     /// The drain is over: do not wait in revoke callbacks.
     pub closing: AtomicBool,
-    /// Once shutdown began: when its drain ends. Revoke callbacks wait no longer than this.
-    shutdown_deadline: Mutex<Option<Instant>>,
+    /// Once shutdown began: when its drain ends (revoke callbacks wait no longer than this),
+    /// and until when the final commit may be retried while a rebalance refuses it.
+    shutdown_deadlines: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl SourceState {
-    /// Shutdown began and its drain ends at `deadline`: a revoke drain under way or to come
+    /// Shutdown began and its drain ends at `drain`: a revoke drain under way or to come
     /// waits no longer than that, so the final commit and the group leave still fit in the
-    /// grace period.
-    pub fn begin_shutdown(&self, deadline: Instant, tracker: &OffsetTracker) {
-        *self.shutdown_deadline.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+    /// grace period. A final commit refused by a rebalance is retried until `commit`.
+    pub fn begin_shutdown(&self, drain: Instant, commit: Instant, tracker: &OffsetTracker) {
+        *self.shutdown_deadlines.lock().unwrap_or_else(PoisonError::into_inner) = Some((drain, commit));
         tracker.wake_waiters();
     }
 
     fn shutdown_deadline(&self) -> Option<Instant> {
-        *self.shutdown_deadline.lock().unwrap_or_else(PoisonError::into_inner)
+        self.deadlines().map(|(drain, _)| drain)
+    }
+
+    fn final_commit_deadline(&self) -> Option<Instant> {
+        self.deadlines().map(|(_, commit)| commit)
+    }
+
+    fn deadlines(&self) -> Option<(Instant, Instant)> {
+        *self.shutdown_deadlines.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -161,9 +172,13 @@ impl SourceContext {
                 );
             }
         }
-        let final_positions = self.tracker.revoke(&tps);
+        let mut positions = self.tracker.revoke(&tps);
         if !lost {
-            commit_sync(consumer, &self.tracker, &self.metrics, &final_positions);
+            // The kept partitions too: no periodic commit ran while this callback waited, and
+            // the rebalance that follows refuses commits until it completes.
+            positions.extend(self.tracker.positions_to_commit());
+            positions.sort();
+            commit_sync(consumer, &self.tracker, &self.metrics, &positions);
         }
         let msg = Input::Revoked(tps);
         let _ = if closing {
@@ -329,7 +344,7 @@ impl PollLoop {
             problem = Some(format!("the Kafka poll thread panicked while draining: {}", panic_message(&*panic)));
         }
         self.state.closing.store(true, Ordering::Relaxed);
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.commit())) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.final_commit())) {
             problem = Some(format!("the final offset commit panicked: {}", panic_message(&*panic)));
         }
         tracing::info!("closing the Kafka consumer (leaving the group)");
@@ -597,6 +612,30 @@ impl PollLoop {
         self.metrics.paused_partitions.set(paused as i64);
     }
 
+    /// The commit before closing. A commit refused because a rebalance is under way (say the
+    /// one a revoke during the drain started) is tried again, polling in between so that the
+    /// member rejoins, until the final-commit deadline of the shutdown.
+    fn final_commit(&self) {
+        loop {
+            let positions = self.tracker.positions_to_commit();
+            let error = match try_commit(&self.consumer, &self.tracker, &self.metrics, &positions) {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let retry = refused_by_rebalance(&error)
+                && self
+                    .state
+                    .final_commit_deadline()
+                    .is_some_and(|until| Instant::now() + FINAL_COMMIT_POLL < until);
+            if !retry {
+                return tracing::error!(error = %error, positions = %fmt_positions(&positions), "final offset commit failed; these records will be delivered again");
+            }
+            tracing::debug!(error = %error, "final commit refused during a rebalance; polling and trying again");
+            // A record returned now is not handed over and not tracked (as in the drain).
+            let _ = self.consumer.poll(FINAL_COMMIT_POLL);
+        }
+    }
+
     /// Periodic commit. Synchronous: it runs on this dedicated thread, takes one round trip,
     /// and its result updates the tracker directly (async commit results arrive, if at all,
     /// through librdkafka's event queue).
@@ -620,20 +659,35 @@ fn commit_sync(
     metrics: &Metrics,
     positions: &[(TopicPartition, i64)],
 ) {
+    if let Err(e) = try_commit(consumer, tracker, metrics, positions) {
+        tracing::error!(error = %e, positions = %fmt_positions(positions), "synchronous offset commit failed; these records may be delivered again");
+    }
+}
+
+/// Commits synchronously and records the result (tracker, metrics), without logging a failure.
+fn try_commit(
+    consumer: &SourceConsumer,
+    tracker: &OffsetTracker,
+    metrics: &Metrics,
+    positions: &[(TopicPartition, i64)],
+) -> Result<(), KafkaError> {
     if positions.is_empty() {
-        return;
+        return Ok(());
     }
-    match consumer.commit(&to_tpl(positions), CommitMode::Sync) {
-        Ok(()) => {
-            tracker.committed(positions);
-            metrics.commit(true);
-            tracing::debug!(positions = %fmt_positions(positions), "committed offsets");
-        }
-        Err(e) => {
-            metrics.commit(false);
-            tracing::error!(error = %e, positions = %fmt_positions(positions), "synchronous offset commit failed; these records may be delivered again");
-        }
+    let result = consumer.commit(&to_tpl(positions), CommitMode::Sync);
+    metrics.commit(result.is_ok());
+    if result.is_ok() {
+        tracker.committed(positions);
+        tracing::debug!(positions = %fmt_positions(positions), "committed offsets");
     }
+    result
+}
+
+/// The group refuses commits while a rebalance is under way; they succeed once this member
+/// rejoined (which polling lets happen).
+fn refused_by_rebalance(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{IllegalGeneration, RebalanceInProgress};
+    matches!(e, KafkaError::ConsumerCommit(IllegalGeneration | RebalanceInProgress))
 }
 
 /// Logs consumer errors at most once per 10 s per distinct message.
