@@ -162,11 +162,12 @@ struct Deadlines {
 impl Deadlines {
     fn new(grace: Duration) -> Self {
         let reserve = (grace / 4).min(Duration::from_secs(5));
+        let now = Instant::now();
         Self {
             reserve,
-            drain: after(grace - reserve),
-            commit: after(grace - reserve / 4),
-            exit: after(grace),
+            drain: later(now, grace - reserve),
+            commit: later(now, grace - reserve / 4),
+            exit: later(now, grace),
         }
     }
 }
@@ -255,8 +256,7 @@ impl Shutdown {
 }
 
 /// `now + d`, or a far-off instant when that does not fit.
-fn after(d: Duration) -> Instant {
-    let now = Instant::now();
+fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(now)
@@ -270,5 +270,93 @@ fn scheduler_fault(result: Result<(), JoinError>) -> String {
             crate::scheduler::panic_message(&*e.into_panic())
         ),
         Err(e) => format!("the scheduler task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn parts(scheduler: JoinHandle<()>) -> (Shutdown, oneshot::Sender<String>, oneshot::Sender<Option<String>>) {
+        let (failed_tx, failed) = oneshot::channel();
+        let (closed_tx, closed) = oneshot::channel();
+        let stop = Shutdown {
+            scheduler: Some(scheduler),
+            poll: PollThread { failed, closed },
+            fault: None,
+        };
+        (stop, failed_tx, closed_tx)
+    }
+
+    #[tokio::test]
+    async fn a_scheduler_that_panics_is_a_fault_and_its_handle_is_not_polled_again() {
+        let (mut stop, _failed, closed) = parts(tokio::spawn(async { panic!("boom") }));
+        let shutdown = CancellationToken::new();
+        stop.wait_for_stop(&shutdown).await;
+        assert!(shutdown.is_cancelled(), "the fault starts the shutdown");
+        let hard_stop = CancellationToken::new();
+        // Used to await the finished JoinHandle again: "JoinHandle polled after completion".
+        let deadlines = Deadlines::new(Duration::from_secs(4));
+        stop.drain(&deadlines, &hard_stop, &InFlight::default()).await;
+        assert!(hard_stop.is_cancelled(), "jobs nobody reports on are stopped");
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(stop.fault.as_deref(), Some("the scheduler panicked: boom"));
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_that_stops_on_its_own_is_a_fault_and_the_scheduler_still_drains() {
+        let (mut stop, failed, closed) = parts(tokio::spawn(tokio::time::sleep(Duration::from_millis(50))));
+        failed.send("the Kafka poll thread panicked: bad header".into()).unwrap();
+        let shutdown = CancellationToken::new();
+        stop.wait_for_stop(&shutdown).await;
+        assert!(shutdown.is_cancelled());
+        let hard_stop = CancellationToken::new();
+        let deadlines = Deadlines::new(Duration::from_secs(20));
+        stop.drain(&deadlines, &hard_stop, &InFlight::default()).await;
+        assert!(!hard_stop.is_cancelled(), "the scheduler finished its records in time");
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(stop.fault.as_deref(), Some("the Kafka poll thread panicked: bad header"));
+    }
+
+    #[tokio::test]
+    async fn parts_that_end_because_of_the_signal_are_no_fault() {
+        let (mut stop, failed, closed) = parts(tokio::spawn(async {}));
+        drop(failed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        stop.wait_for_stop(&shutdown).await;
+        let deadlines = Deadlines::new(Duration::from_secs(4));
+        stop.drain(&deadlines, &CancellationToken::new(), &InFlight::default()).await;
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(stop.fault, None);
+    }
+
+    #[tokio::test]
+    async fn a_problem_while_closing_the_consumer_is_a_fault() {
+        let (mut stop, _failed, closed) = parts(tokio::spawn(async {}));
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        stop.wait_for_stop(&shutdown).await;
+        closed.send(Some("the final offset commit panicked: x".into())).unwrap();
+        stop.close_consumer(later(Instant::now(), Duration::from_secs(5))).await;
+        assert_eq!(stop.fault.as_deref(), Some("the final offset commit panicked: x"));
+    }
+
+    #[test]
+    fn the_grace_period_ends_with_the_drain_then_the_commit_then_the_exit() {
+        let d = Deadlines::new(Duration::from_secs(8));
+        assert_eq!(d.reserve, Duration::from_secs(2));
+        assert!(d.drain < d.commit && d.commit < d.exit);
+        assert_eq!(d.exit - d.drain, d.reserve);
+        let d = Deadlines::new(Duration::from_secs(60));
+        assert_eq!(d.reserve, Duration::from_secs(5), "at most 5 s");
+        let d = Deadlines::new(Duration::MAX);
+        assert!(d.drain <= d.exit, "a huge grace period does not overflow");
     }
 }

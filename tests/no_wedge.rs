@@ -151,55 +151,56 @@ impl JobRunner for PanicsOn {
     }
 }
 
-/// A record whose delivery panics is run again, then dead-lettered with error class `panic`;
-/// its lane goes on with the next record, the offsets commit past it, and each panic is counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_whose_delivery_panics_is_dead_lettered_and_its_lane_goes_on() {
-    require_kafka();
-    let topic = unique("panics");
-    let dlq = unique("panics-dlq");
-    create_topic(&dlq, 1).await;
-    let app = TestApp::start(|_| Answer::ok()).await;
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = brokers();
-    cfg.kafka.group_id = unique("group");
-    cfg.app.url = app.url();
-    cfg.dlq.topic = dlq.clone();
-    cfg.retry.max_attempts = 3;
-    cfg.retry.initial_backoff = Duration::from_millis(10);
-    cfg.retry.max_backoff = Duration::from_millis(100);
-
-    let metrics = Arc::new(Metrics::new());
-    let tracker = Arc::new(OffsetTracker::default());
-    let worker = Worker {
+/// A worker as the sidecar builds it (no dedup), on this config.
+fn worker(cfg: &Config, tracker: &Arc<OffsetTracker>, metrics: &Arc<Metrics>, hard_stop: &CancellationToken) -> Worker {
+    Worker {
         app: AppClient::new(&cfg.app, &cfg.kafka.group_id).unwrap(),
-        dlq: DeadLetters::from_config(&cfg).unwrap(),
+        dlq: DeadLetters::from_config(cfg).unwrap(),
         tracker: tracker.clone(),
         retry: cfg.retry.clone(),
         metrics: metrics.clone(),
         breaker: Arc::new(Breaker::new(cfg.breaker.clone())),
         limiter: RateLimiter::new(&cfg.rate_limit, 2),
         group: cfg.kafka.group_id.clone(),
-        hard_stop: CancellationToken::new(),
+        hard_stop: hard_stop.clone(),
         dedup: None,
         key_source: cfg.dedup.key_source(),
-    };
+    }
+}
+
+fn panic_config(app: &TestApp) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.group_id = unique("group");
+    cfg.app.url = app.url();
+    cfg.retry.max_attempts = 3;
+    cfg.retry.initial_backoff = Duration::from_millis(10);
+    cfg.retry.max_backoff = Duration::from_millis(100);
+    cfg
+}
+
+/// Starts a scheduler (partition ordering, single mode) on `runner` and hands it records
+/// 0..`records` of partition 0 of `topic`, read through `tracker` as the poll thread would.
+async fn feed(
+    runner: PanicsOn,
+    tracker: &OffsetTracker,
+    topic: &str,
+    records: i64,
+) -> (tokio::task::JoinHandle<()>, tokio::sync::mpsc::Sender<Input>, Arc<InFlight>) {
     let settings = Settings {
         ordering: Ordering::Partition,
         mode: DeliveryMode::Single,
         workers: 2,
-        batch: cfg.batch.clone(),
+        batch: Default::default(),
     };
     let in_flight = Arc::new(InFlight::default());
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let runner = Arc::new(PanicsOn { worker, offset: 1 });
-    let scheduler = tokio::spawn(Scheduler::new(settings, runner, in_flight.clone()).run(rx));
-
-    let tp = TopicPartition::new(topic.as_str(), 0);
+    let scheduler = tokio::spawn(Scheduler::new(settings, Arc::new(runner), in_flight.clone()).run(rx));
+    let tp = TopicPartition::new(topic, 0);
     tracker.assign(std::slice::from_ref(&tp));
-    for offset in 0..3 {
+    for offset in 0..records {
         let record = Record {
-            topic: topic.as_str().into(),
+            topic: topic.into(),
             partition: 0,
             offset,
             timestamp_ms: None,
@@ -211,6 +212,26 @@ async fn a_record_whose_delivery_panics_is_dead_lettered_and_its_lane_goes_on() 
         in_flight.add(record.size());
         tx.send(Input::Record(record)).await.unwrap();
     }
+    (scheduler, tx, in_flight)
+}
+
+/// A record whose delivery panics is run again, then dead-lettered with error class `panic`;
+/// its lane goes on with the next record, the offsets commit past it, and each panic is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_delivery_panics_is_dead_lettered_and_its_lane_goes_on() {
+    require_kafka();
+    let topic = unique("panics");
+    let dlq = unique("panics-dlq");
+    create_topic(&dlq, 1).await;
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let mut cfg = panic_config(&app);
+    cfg.dlq.topic = dlq.clone();
+    let (metrics, tracker) = (Arc::new(Metrics::new()), Arc::new(OffsetTracker::default()));
+    let runner = PanicsOn {
+        worker: worker(&cfg, &tracker, &metrics, &CancellationToken::new()),
+        offset: 1,
+    };
+    let (scheduler, tx, in_flight) = feed(runner, &tracker, &topic, 3).await;
     tx.send(Input::End).await.unwrap();
     tokio::time::timeout(MINUTE, scheduler)
         .await
@@ -229,12 +250,46 @@ async fn a_record_whose_delivery_panics_is_dead_lettered_and_its_lane_goes_on() 
         "{:?}",
         dead[0].headers
     );
+    let tp = TopicPartition::new(topic.as_str(), 0);
     assert_eq!(tracker.positions_to_commit(), vec![(tp, 3)], "commits pass it");
     assert_eq!(in_flight.get(), (0, 0));
-    let text = metrics.encode();
     assert_eq!(
-        metric(&text, "kafka_sidecar_job_panics_total", &[]),
+        metric(&metrics.encode(), "kafka_sidecar_job_panics_total", &[]),
         Some(3.0),
         "one per panic (retry.max_attempts = 3)"
     );
+}
+
+/// Without a DLQ there is nowhere safe to put a record that keeps panicking: it is run again
+/// at the maximum backoff, blocks only its lane, is never committed, and shutdown's hard stop
+/// still ends its job (the slot and in-flight count are released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_a_record_that_keeps_panicking_blocks_its_lane_uncommitted_until_the_hard_stop() {
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let cfg = panic_config(&app);
+    let (metrics, tracker) = (Arc::new(Metrics::new()), Arc::new(OffsetTracker::default()));
+    let hard_stop = CancellationToken::new();
+    let runner = PanicsOn {
+        worker: worker(&cfg, &tracker, &metrics, &hard_stop),
+        offset: 0,
+    };
+    let (scheduler, tx, in_flight) = feed(runner, &tracker, "no-dlq", 2).await;
+    let panics = || metric(&metrics.encode(), "kafka_sidecar_job_panics_total", &[]).unwrap_or(0.0);
+    assert!(
+        wait_until(MINUTE, || panics() >= 6.0).await,
+        "kept running it after retry.max_attempts = 3 panics ({} so far)",
+        panics()
+    );
+    assert_eq!(app.delivered_count(), 0, "offset 1 waits behind offset 0 in its lane");
+    let tp = TopicPartition::new("no-dlq", 0);
+    assert_eq!(tracker.positions_to_commit(), vec![(tp.clone(), 0)], "nothing committed past it");
+
+    hard_stop.cancel();
+    tx.send(Input::End).await.unwrap();
+    tokio::time::timeout(MINUTE, scheduler)
+        .await
+        .expect("the hard stop ends the job")
+        .expect("the scheduler itself did not panic");
+    assert_eq!(in_flight.get(), (0, 0));
+    assert_eq!(tracker.positions_to_commit(), vec![(tp, 0)], "abandoned, not committed");
 }
