@@ -244,7 +244,8 @@ impl Shutdown {
                 self.fault.get_or_insert(problem);
             }
             Ok(Err(_)) => {
-                self.fault.get_or_insert("the Kafka poll thread died before closing the consumer".into());
+                self.fault
+                    .get_or_insert("the Kafka poll thread died before closing the consumer".into());
             }
             Err(_) => tracing::error!("the Kafka consumer did not close in time"),
         }
@@ -309,7 +310,9 @@ mod tests {
     #[tokio::test]
     async fn a_poll_thread_that_stops_on_its_own_is_a_fault_and_the_scheduler_still_drains() {
         let (mut stop, failed, closed) = parts(tokio::spawn(tokio::time::sleep(Duration::from_millis(50))));
-        failed.send("the Kafka poll thread panicked: bad header".into()).unwrap();
+        failed
+            .send("the Kafka poll thread panicked: bad header".into())
+            .unwrap();
         let shutdown = CancellationToken::new();
         stop.wait_for_stop(&shutdown).await;
         assert!(shutdown.is_cancelled());
@@ -319,7 +322,10 @@ mod tests {
         assert!(!hard_stop.is_cancelled(), "the scheduler finished its records in time");
         closed.send(None).unwrap();
         stop.close_consumer(deadlines.exit).await;
-        assert_eq!(stop.fault.as_deref(), Some("the Kafka poll thread panicked: bad header"));
+        assert_eq!(
+            stop.fault.as_deref(),
+            Some("the Kafka poll thread panicked: bad header")
+        );
     }
 
     #[tokio::test]
@@ -331,7 +337,8 @@ mod tests {
         shutdown.cancel();
         stop.wait_for_stop(&shutdown).await;
         let deadlines = Deadlines::new(Duration::from_secs(4));
-        stop.drain(&deadlines, &CancellationToken::new(), &InFlight::default()).await;
+        stop.drain(&deadlines, &CancellationToken::new(), &InFlight::default())
+            .await;
         closed.send(None).unwrap();
         stop.close_consumer(deadlines.exit).await;
         assert_eq!(stop.fault, None);

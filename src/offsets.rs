@@ -398,7 +398,10 @@ mod tests {
         let started = Instant::now();
         let far = started + std::time::Duration::from_secs(60);
         assert_eq!(t.wait_finished(&[tp(0)], || far), 0, "partition 1 is not waited for");
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "woken, not timed out");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "woken, not timed out"
+        );
         finisher.join().unwrap();
     }
 
@@ -418,7 +421,10 @@ mod tests {
         };
         let started = Instant::now();
         assert_eq!(t.wait_finished(&[tp(0)], || *deadline.lock().unwrap()), 1);
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the moved deadline ended the wait");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the moved deadline ended the wait"
+        );
         shortener.join().unwrap();
     }
 

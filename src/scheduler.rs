@@ -505,7 +505,12 @@ mod tests {
 
     impl Fake {
         fn started(&self) -> Vec<Vec<Id>> {
-            self.started.lock().unwrap().iter().map(|(ids, _)| ids.clone()).collect()
+            self.started
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(ids, _)| ids.clone())
+                .collect()
         }
     }
 
@@ -601,10 +606,7 @@ mod tests {
             [batch.clone(), one(0), one(1), one(2), one(2), one(3), one(4)],
             "the batch panicked; its records ran alone, the bad one until given up"
         );
-        assert_eq!(
-            *fake.panics.lock().unwrap(),
-            [(batch, 1), (one(2), 1), (one(2), 2)]
-        );
+        assert_eq!(*fake.panics.lock().unwrap(), [(batch, 1), (one(2), 1), (one(2), 2)]);
         assert_eq!(*fake.given_up.lock().unwrap(), [(0, 2)]);
         assert_eq!(in_flight.get(), (0, 0));
     }
@@ -623,9 +625,18 @@ mod tests {
         let in_flight = s.finish().await;
 
         let ended = fake.ended.lock().unwrap().clone();
-        assert_eq!(ended.len(), 15, "every record ran to its end before the scheduler finished");
+        assert_eq!(
+            ended.len(),
+            15,
+            "every record ran to its end before the scheduler finished"
+        );
         for p in 0..3 {
-            let order: Vec<i64> = ended.iter().flat_map(|(ids, _)| ids).filter(|(q, _)| *q == p).map(|(_, o)| *o).collect();
+            let order: Vec<i64> = ended
+                .iter()
+                .flat_map(|(ids, _)| ids)
+                .filter(|(q, _)| *q == p)
+                .map(|(_, o)| *o)
+                .collect();
             assert_eq!(order, [0, 1, 2, 3, 4], "partition {p} in offset order");
         }
         assert_eq!(in_flight.get(), (0, 0));
@@ -642,7 +653,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(fake.started(), [vec![(0, 0)], vec![(1, 0)]], "0/0 is in flight");
 
-        s.tx.send(Input::Revoked(vec![TopicPartition::new("t", 0)])).await.unwrap();
+        s.tx.send(Input::Revoked(vec![TopicPartition::new("t", 0)]))
+            .await
+            .unwrap();
         // The partition comes back (a new generation) while its old job is still running.
         let mut again = record(0, 1);
         again.generation = 2;

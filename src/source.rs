@@ -341,7 +341,10 @@ impl PollLoop {
         }
         let mut problem = None;
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.drain())) {
-            problem = Some(format!("the Kafka poll thread panicked while draining: {}", panic_message(&*panic)));
+            problem = Some(format!(
+                "the Kafka poll thread panicked while draining: {}",
+                panic_message(&*panic)
+            ));
         }
         self.state.closing.store(true, Ordering::Relaxed);
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.final_commit())) {
@@ -351,7 +354,12 @@ impl PollLoop {
         let PollLoop { consumer, .. } = self;
         match catch_unwind(AssertUnwindSafe(|| drop(consumer))) {
             Ok(()) => tracing::info!("Kafka consumer closed"),
-            Err(panic) => problem = Some(format!("closing the Kafka consumer panicked: {}", panic_message(&*panic))),
+            Err(panic) => {
+                problem = Some(format!(
+                    "closing the Kafka consumer panicked: {}",
+                    panic_message(&*panic)
+                ))
+            }
         }
         if let Some(problem) = &problem {
             tracing::error!("{problem}");

@@ -186,7 +186,11 @@ async fn feed(
     tracker: &OffsetTracker,
     topic: &str,
     records: i64,
-) -> (tokio::task::JoinHandle<()>, tokio::sync::mpsc::Sender<Input>, Arc<InFlight>) {
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Sender<Input>,
+    Arc<InFlight>,
+) {
     let settings = Settings {
         ordering: Ordering::Partition,
         mode: DeliveryMode::Single,
@@ -282,7 +286,11 @@ async fn without_a_dlq_a_record_that_keeps_panicking_blocks_its_lane_uncommitted
     );
     assert_eq!(app.delivered_count(), 0, "offset 1 waits behind offset 0 in its lane");
     let tp = TopicPartition::new("no-dlq", 0);
-    assert_eq!(tracker.positions_to_commit(), vec![(tp.clone(), 0)], "nothing committed past it");
+    assert_eq!(
+        tracker.positions_to_commit(),
+        vec![(tp.clone(), 0)],
+        "nothing committed past it"
+    );
 
     hard_stop.cancel();
     tx.send(Input::End).await.unwrap();
