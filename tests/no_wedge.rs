@@ -23,22 +23,19 @@ use tokio_util::sync::CancellationToken;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// SIGTERM while the member is inside a revoke callback waiting for a slow app, with
-/// `revoke_drain_timeout = 60s` and `grace_period = 5s`: the revoke wait is cut at the
-/// shutdown deadline, so the member exits 0 in time *and* commits what it finished and leaves
-/// the group. (Before, it waited in the callback past the grace period and exited without the
-/// final commit: everything finished during the revoke was delivered again.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commits_what_was_finished() {
-    require_kafka();
-    const PARTITIONS: i32 = 4;
-    const PER_PARTITION: i64 = 50;
-    const DELAY: Duration = Duration::from_millis(400);
+const PARTITIONS: i32 = 4;
+/// The app's time per record: with one lane per partition, a partition of 50 records takes 20 s.
+const DELAY: Duration = Duration::from_millis(400);
+
+/// A topic of `per_partition` records on each of 4 partitions, a slow app, and the config of a
+/// member with `revoke_drain_timeout = 60s`, the given grace period and one lane per
+/// partition (what a partition finished is then a prefix, so a commit covers all of it).
+async fn slow_setup(per_partition: i64, grace: &str) -> (String, TestApp, SidecarConfig, String) {
     let topic = unique("term-revoke");
     create_topic(&topic, PARTITIONS).await;
     let records = (0..PARTITIONS)
         .flat_map(|p| {
-            (0..PER_PARTITION).map(move |i| Out {
+            (0..per_partition).map(move |i| Out {
                 key: None,
                 value: format!("p{p}-{i}"),
                 partition: Some(p),
@@ -53,7 +50,6 @@ async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commit
     })
     .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
-    // One lane per partition: what a partition finished is a prefix, so the commit covers it.
     cfg.ordering = "partition";
     let toml = cfg
         .toml()
@@ -61,8 +57,58 @@ async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commit
             "session_timeout = \"10s\"",
             "session_timeout = \"10s\"\nrevoke_drain_timeout = \"60s\"",
         )
-        .replace("grace_period = \"15s\"", "grace_period = \"5s\"");
+        .replace("grace_period = \"15s\"", &format!("grace_period = \"{grace}\""));
+    (topic, app, cfg, toml)
+}
 
+fn revoked_in(log: &str, topic: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("partitions revoked") && l.contains(topic) && !l.contains("partitions= "))
+}
+
+/// Waits until the second member owns everything and finished the topic, then checks that no
+/// record the app had answered before `committed_by` was delivered twice.
+async fn assert_finished_work_was_committed(
+    app: &TestApp,
+    cfg: &SidecarConfig,
+    per_partition: i64,
+    committed_by: Instant,
+) {
+    let total = (PARTITIONS as i64 * per_partition) as usize;
+    let distinct = || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len();
+    assert!(
+        wait_until(2 * MINUTE, || distinct() >= total).await,
+        "only {} of {total} records delivered",
+        distinct()
+    );
+    let (committed, ends) = wait_committed_to_end(&cfg.group, &cfg.topic, PARTITIONS, MINUTE).await;
+    assert_eq!(committed, ends);
+    let delivered = app.delivered();
+    let mut times: HashMap<(i32, i64), usize> = HashMap::new();
+    for r in &delivered {
+        *times.entry(r.id()).or_default() += 1;
+    }
+    let finished: HashSet<(i32, i64)> = delivered
+        .iter()
+        .filter(|r| r.at + DELAY < committed_by)
+        .map(|r| r.id())
+        .collect();
+    let again: Vec<_> = finished.iter().filter(|id| times[id] > 1).collect();
+    assert!(
+        again.is_empty(),
+        "records finished before the shutdown's commit were delivered again ((partition, offset)): {again:?}"
+    );
+}
+
+/// SIGTERM while the member is inside a revoke callback waiting for a slow app, with
+/// `revoke_drain_timeout = 60s` and `grace_period = 5s`: the revoke wait is cut at the
+/// shutdown deadline, so the member exits 0 in time *and* commits what it finished and leaves
+/// the group. (Before, it waited in the callback past the grace period and exited without the
+/// final commit: everything finished during the revoke was delivered again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commits_what_was_finished() {
+    require_kafka();
+    let (topic, app, cfg, toml) = slow_setup(50, "5s").await;
     let mut first = Sidecar::start_toml(&toml);
     assert!(
         wait_until(MINUTE, || app.delivered_count() >= 4).await,
@@ -70,11 +116,7 @@ async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commit
     );
     let _second = Sidecar::start_toml(&toml);
     assert!(
-        wait_until(MINUTE, || first
-            .log()
-            .lines()
-            .any(|l| l.contains("partitions revoked") && l.contains(&topic)))
-        .await,
+        wait_until(MINUTE, || revoked_in(&first.log(), &topic)).await,
         "the second member did not cause a revoke on the first"
     );
     let revoking = Instant::now();
@@ -94,30 +136,8 @@ async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commit
         "the revoke wait ended at the shutdown deadline:\n{log}"
     );
     assert!(log.contains("Kafka consumer closed"), "left the group:\n{log}");
-
-    // The second member takes everything over and finishes the topic.
-    let total = (PARTITIONS as i64 * PER_PARTITION) as usize;
-    let distinct = || app.delivered().iter().map(|r| r.id()).collect::<HashSet<_>>().len();
-    assert!(
-        wait_until(2 * MINUTE, || distinct() >= total).await,
-        "only {} of {total} records delivered",
-        distinct()
-    );
-    let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, PARTITIONS, MINUTE).await;
-    assert_eq!(committed, ends);
-
-    // Whatever the app had answered before the SIGTERM was committed: never delivered again.
-    let delivered = app.delivered();
-    let mut times: HashMap<(i32, i64), usize> = HashMap::new();
-    for r in &delivered {
-        *times.entry(r.id()).or_default() += 1;
-    }
-    let finished_before: HashSet<(i32, i64)> = delivered
-        .iter()
-        .filter(|r| r.at + DELAY < sigterm)
-        .map(|r| r.id())
-        .collect();
-    let during_revoke = delivered
+    let during_revoke = app
+        .delivered()
         .iter()
         .filter(|r| r.at > revoking && r.at + DELAY < sigterm)
         .count();
@@ -125,11 +145,49 @@ async fn sigterm_during_a_long_revoke_drain_exits_in_the_grace_period_and_commit
         during_revoke > 0,
         "the test needs records finished while the first member was in the revoke callback"
     );
-    let again: Vec<_> = finished_before.iter().filter(|id| times[id] > 1).collect();
+    // The second member takes everything over and finishes the topic; whatever the app had
+    // answered before the SIGTERM was committed: never delivered again.
+    assert_finished_work_was_committed(&app, &cfg, 50, sigterm).await;
+}
+
+/// A revoke that arrives while the shutdown drains (a member joined just after SIGTERM) waits
+/// no longer than the drain, not `revoke_drain_timeout`: exit 0 within the grace period, and
+/// what was finished during the drain is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_during_the_shutdown_drain_honours_the_grace_period() {
+    require_kafka();
+    // 40 s of work per partition, a 16 s grace period: the drain (12 s) cannot finish it.
+    let (topic, app, cfg, toml) = slow_setup(100, "16s").await;
+    let mut first = Sidecar::start_toml(&toml);
     assert!(
-        again.is_empty(),
-        "records finished before the SIGTERM were delivered again ((partition, offset)): {again:?}"
+        wait_until(MINUTE, || app.delivered_count() >= 4).await,
+        "stream did not start"
     );
+    let sigterm = Instant::now();
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    let _second = Sidecar::start_toml(&toml);
+    let status = first
+        .wait_exit(Duration::from_secs(16 + 10))
+        .await
+        .expect("exits within the grace period (plus a margin), not after revoke_drain_timeout");
+    assert!(status.success(), "exit status {status:?}\n{}", first.log());
+    let log = first.log();
+    let during_drain = log
+        .lines()
+        .skip_while(|l| !l.contains("shutting down: finishing records already read"))
+        .take_while(|l| !l.contains("closing the Kafka consumer"))
+        .any(|l| l.contains("partitions revoked") && l.contains(&topic) && !l.contains("partitions= "));
+    assert!(
+        during_drain,
+        "the second member caused a revoke during the drain:\n{log}"
+    );
+    assert!(
+        log.contains("revoke drain cut short by the shutdown deadline"),
+        "the revoke wait ended at the shutdown deadline:\n{log}"
+    );
+    assert!(log.contains("Kafka consumer closed"), "left the group:\n{log}");
+    // Finished up to a margin before the drain's end (12 s after SIGTERM): committed.
+    assert_finished_work_was_committed(&app, &cfg, 100, sigterm + Duration::from_secs(10)).await;
 }
 
 /// Wraps the real worker and panics on one offset, as a bug on some input would.
