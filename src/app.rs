@@ -140,7 +140,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Ok(())
         }
         Some(fault) => {
-            tracing::error!(fault = %fault, "shut down after a fault (committed what was finished, left the group)");
+            tracing::error!(fault = %fault, "shut down after a fault; exiting with status 1");
             Err(anyhow::anyhow!("stopped because {fault}"))
         }
     }

@@ -147,16 +147,28 @@ impl Worker {
             );
             return !self.hard_stop.is_cancelled();
         }
-        if self.hard_stop.is_cancelled() || !self.tracker.is_unfinished(&tp(first), first.offset, first.generation) {
-            // Finished before the panic, revoked, or shutdown's hard stop: nothing to redo.
+        if self.hard_stop.is_cancelled() {
+            // Abandoned: not committed, read again after the restart.
+            return false;
+        }
+        if !self.tracker.is_unfinished(&tp(first), first.offset, first.generation) {
+            // Finished before the panic, or revoked: nothing to redo. A claim the panicked run
+            // may have taken must not keep other records with this key waiting.
+            if let Some(gate) = &self.dedup {
+                let key = derive_key(&self.key_source, first).key;
+                gate.release(&[(first, key.as_str())]).await;
+            }
             return false;
         }
         let attempts = panics.min(self.retry.max_attempts);
-        tracing::error!(
-            topic = %first.topic, partition = first.partition, offset = first.offset,
-            panics, max_attempts = self.retry.max_attempts, panic = %message,
-            "delivery of a record panicked"
-        );
+        // Every panic is counted; a record that keeps panicking without a DLQ is logged sparingly.
+        if panics <= self.retry.max_attempts || panics % 20 == 0 {
+            tracing::error!(
+                topic = %first.topic, partition = first.partition, offset = first.offset,
+                panics, max_attempts = self.retry.max_attempts, panic = %message,
+                "delivery of a record panicked"
+            );
+        }
         if panics < self.retry.max_attempts {
             // The same growing backoff as failed deliveries.
             let mut backoff = Backoff::from_config(&self.retry);
@@ -167,11 +179,13 @@ impl Worker {
             return self.sleep(delay).await.is_ok();
         }
         let Some(dlq) = &self.dlq else {
-            tracing::error!(
-                topic = %first.topic, partition = first.partition, offset = first.offset,
-                "record keeps panicking and no dead-letter topic is configured; \
-                 it blocks its lane and is run again at the maximum backoff"
-            );
+            if panics == self.retry.max_attempts {
+                tracing::error!(
+                    topic = %first.topic, partition = first.partition, offset = first.offset,
+                    "record keeps panicking and no dead-letter topic is configured; \
+                     it blocks its lane and is run again at the maximum backoff"
+                );
+            }
             return self.sleep(self.retry.max_backoff).await.is_ok();
         };
         let error = ErrorInfo::new("panic", format!("delivery panicked {panics} times: {message}"));
