@@ -17,9 +17,11 @@
 //! - Shutdown: stop reading and pause; keep polling so the membership stays healthy while
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
-//! - Faults: the thread's work is panic-safe. If reading panics or stops on its own (the
-//!   scheduler is gone, subscribing failed), the thread reports it ([`PollThread::failed`])
-//!   and still drains, commits what is finished and closes the consumer when told to.
+//! - Faults: the thread's work and the rebalance callbacks are panic-safe (a panic must not
+//!   unwind into librdkafka, which would abort the process). If reading panics or stops on its
+//!   own (a callback panicked, the scheduler is gone, subscribing failed), the thread reports
+//!   it ([`PollThread::failed`]) and still drains, commits what is finished and closes the
+//!   consumer when told to.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -68,6 +70,8 @@ pub struct SourceState {
     /// Once shutdown began: when its drain ends (revoke callbacks wait no longer than this),
     /// and until when the final commit may be retried while a rebalance refuses it.
     shutdown_deadlines: Mutex<Option<(Instant, Instant)>>,
+    /// A panic caught in a librdkafka callback, for the poll thread to report.
+    fault: Mutex<Option<String>>,
 }
 
 impl SourceState {
@@ -85,6 +89,17 @@ impl SourceState {
 
     fn final_commit_deadline(&self) -> Option<Instant> {
         self.deadlines().map(|(_, commit)| commit)
+    }
+
+    fn record_fault(&self, reason: String) {
+        self.fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(reason);
+    }
+
+    fn take_fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
     fn deadlines(&self) -> Option<(Instant, Instant)> {
@@ -121,34 +136,49 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        self.metrics.rebalances.inc();
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let tps = topic_partitions(tpl);
-                tracing::info!(partitions = %fmt_tps(&tps), "partitions assigned");
-                self.tracker.assign(&tps);
+        self.guarded("rebalance", || {
+            self.metrics.rebalances.inc();
+            match rebalance {
+                Rebalance::Assign(tpl) => {
+                    let tps = topic_partitions(tpl);
+                    tracing::info!(partitions = %fmt_tps(&tps), "partitions assigned");
+                    self.tracker.assign(&tps);
+                }
+                Rebalance::Revoke(tpl) => self.on_revoke(consumer, topic_partitions(tpl)),
+                Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
             }
-            Rebalance::Revoke(tpl) => self.on_revoke(consumer, topic_partitions(tpl)),
-            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
-        }
+        });
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.state.joined.store(true, Ordering::Relaxed);
-            // New partitions join the paused state if backpressure is on.
-            if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+        self.guarded("rebalance", || {
+            if let Rebalance::Assign(tpl) = rebalance {
+                self.state.joined.store(true, Ordering::Relaxed);
+                // New partitions join the paused state if backpressure is on.
+                if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+                    }
                 }
             }
-        }
-        let assigned = consumer.assignment().map_or(0, |a| a.count());
-        self.metrics.assigned_partitions.set(assigned as i64);
+            let assigned = consumer.assignment().map_or(0, |a| a.count());
+            self.metrics.assigned_partitions.set(assigned as i64);
+        });
     }
 }
 
 impl SourceContext {
+    /// Runs the body of a librdkafka callback. A panic must not unwind into librdkafka (that
+    /// aborts the process, skipping the final commit and the group leave): it is caught and
+    /// recorded as a fault, on which the poll thread stops reading and shuts down cleanly.
+    fn guarded(&self, callback: &str, body: impl FnOnce()) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+            let reason = format!("the Kafka {callback} callback panicked: {}", panic_message(&*panic));
+            tracing::error!("{reason}");
+            self.state.record_fault(reason);
+        }
+    }
+
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tps: Vec<TopicPartition>) {
         let lost = consumer.assignment_lost();
         let closing = self.state.closing.load(Ordering::Relaxed);
@@ -361,6 +391,10 @@ impl PollLoop {
                 ))
             }
         }
+        // A callback that panicked after reading ended (during the drain or the close).
+        if let Some(fault) = self.state.take_fault() {
+            problem.get_or_insert(fault);
+        }
         if let Some(problem) = &problem {
             tracing::error!("{problem}");
         }
@@ -432,6 +466,9 @@ impl PollLoop {
         let mut capped = HashSet::new();
         let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
+            if let Some(fault) = self.state.take_fault() {
+                return Err(fault);
+            }
             let seen = self.in_flight.get();
             let flow = self.apply_backpressure(&mut pressure, &capped, seen);
             if last_share_check.elapsed() >= SHARE_CHECK {
@@ -746,4 +783,46 @@ fn fmt_positions(p: &[(TopicPartition, i64)]) -> String {
         .map(|(tp, o)| format!("{}/{}@{}", tp.topic, tp.partition, o))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(state: &Arc<SourceState>) -> SourceContext {
+        let (input, _) = mpsc::channel(1);
+        SourceContext {
+            tracker: Arc::new(OffsetTracker::default()),
+            input,
+            state: state.clone(),
+            metrics: Arc::new(Metrics::new()),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_callback_is_caught_and_becomes_a_fault_for_the_poll_thread() {
+        let state = Arc::new(SourceState::default());
+        let ctx = context(&state);
+        ctx.guarded("rebalance", || panic!("bad partition list"));
+        ctx.guarded("rebalance", || panic!("a second one"));
+        assert_eq!(
+            state.take_fault().as_deref(),
+            Some("the Kafka rebalance callback panicked: bad partition list"),
+            "the first fault is kept"
+        );
+        ctx.guarded("rebalance", || {});
+        assert_eq!(state.take_fault(), None);
+    }
+
+    #[test]
+    fn shutdown_deadlines_are_shared_with_the_callbacks() {
+        let state = Arc::new(SourceState::default());
+        assert_eq!(state.shutdown_deadline(), None, "no cap before shutdown");
+        let now = Instant::now();
+        let (drain, commit) = (now + Duration::from_secs(3), now + Duration::from_secs(4));
+        state.begin_shutdown(drain, commit, &OffsetTracker::default());
+        assert_eq!(state.shutdown_deadline(), Some(drain));
+        assert_eq!(state.final_commit_deadline(), Some(commit));
+    }
 }
