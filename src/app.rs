@@ -1,12 +1,19 @@
 //! Wires the pipeline together and owns the one shutdown path:
-//! signal → stop reading → drain under the grace period → commit → leave the group →
-//! flush the DLQ producer → return.
+//! signal → stop reading → drain under the grace period → commit → leave the group (and
+//! meanwhile flush the DLQ producer) → return, all within `shutdown.grace_period`.
+//!
+//! The same path runs when a part stops on its own (the poll thread panicked or stopped
+//! reading, the scheduler ended): what is finished is still committed, the group is left and
+//! the DLQ producer flushed, and `run` returns an error naming what stopped, so the process
+//! exits non-zero and its supervisor restarts it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
@@ -19,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::ratelimit::RateLimiter;
 use crate::scheduler::{InFlight, Scheduler, Settings};
-use crate::source::{self, Limits, PollLoop, SourceState};
+use crate::source::{self, Limits, PollLoop, PollThread, SourceState};
 use crate::worker::Worker;
 use crate::{lag, telemetry};
 
@@ -90,8 +97,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         workers: cfg.pipeline.workers,
         batch: cfg.batch.clone(),
     };
-    let mut scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
-    let poll_done = PollLoop {
+    let scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    let poll = PollLoop {
         consumer,
         topics: cfg.kafka.topics.clone(),
         brokers: cfg.kafka.brokers.clone(),
@@ -109,37 +116,255 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     .spawn()
     .context("failed to start the poll thread")?;
 
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = &mut scheduler => {
-            tracing::error!("scheduler stopped unexpectedly; shutting down");
+    let mut stop = Shutdown {
+        scheduler: Some(scheduler),
+        poll,
+        fault: None,
+    };
+    stop.wait_for_stop(&shutdown).await;
+    let deadlines = Deadlines::new(cfg.shutdown.grace_period);
+    state.begin_shutdown(deadlines.drain.into_std(), deadlines.commit.into_std(), &tracker);
+    let (records, _) = in_flight.get();
+    tracing::info!(in_flight = records, grace = ?cfg.shutdown.grace_period, "shutting down: finishing records already read");
+    stop.drain(&deadlines, &hard_stop, &in_flight).await;
+    close.cancel();
+    // The DLQ flush runs while the poll thread commits and closes the consumer.
+    if let Some(dlq) = &worker.dlq {
+        let dlq_flush = deadlines.reserve / 2;
+        tokio::task::block_in_place(|| dlq.flush(dlq_flush));
+    }
+    stop.close_consumer(deadlines.exit).await;
+    telemetry::shutdown(tracer);
+    match stop.fault {
+        None => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        Some(fault) => {
+            tracing::error!(fault = %fault, "shut down after a fault; exiting with status 1");
+            Err(anyhow::anyhow!("stopped because {fault}"))
+        }
+    }
+}
+
+/// How the grace period is spent once shutdown began.
+struct Deadlines {
+    /// The last part of the grace period (a quarter, at most 5 s), kept for the final commit,
+    /// the group leave and the DLQ flush.
+    reserve: Duration,
+    /// Records still unfinished then are abandoned (`hard_stop`); revoke drains end by then.
+    drain: Instant,
+    /// A final commit refused by a rebalance is retried until then.
+    commit: Instant,
+    /// The consumer must be closed (the group left) by then: the end of the grace period.
+    exit: Instant,
+}
+
+impl Deadlines {
+    fn new(grace: Duration) -> Self {
+        let reserve = (grace / 4).min(Duration::from_secs(5));
+        let now = Instant::now();
+        Self {
+            reserve,
+            drain: later(now, grace - reserve),
+            commit: later(now, grace - reserve / 4),
+            exit: later(now, grace),
+        }
+    }
+}
+
+/// The running parts during shutdown, and the first fault seen.
+struct Shutdown {
+    /// `None` once awaited: a `JoinHandle` must not be polled after it completed.
+    scheduler: Option<JoinHandle<()>>,
+    poll: PollThread,
+    /// What stopped on its own (the process exits non-zero).
+    fault: Option<String>,
+}
+
+impl Shutdown {
+    /// Waits for the shutdown signal, or for the poll thread or the scheduler to stop on
+    /// their own, which is a fault and starts the shutdown.
+    async fn wait_for_stop(&mut self, shutdown: &CancellationToken) {
+        let Some(scheduler) = self.scheduler.as_mut() else {
+            return;
+        };
+        let (fault, scheduler_ended) = tokio::select! {
+            // First: a part that ends after the signal ends because of it.
+            biased;
+            _ = shutdown.cancelled() => (None, false),
+            result = scheduler => (Some(scheduler_fault(result)), true),
+            failed = &mut self.poll.failed => {
+                (Some(failed.unwrap_or_else(|_| "the Kafka poll thread died".into())), false)
+            }
+        };
+        if scheduler_ended {
+            self.scheduler = None;
+        }
+        if let Some(fault) = fault {
+            tracing::error!(fault = %fault, "a part of the pipeline stopped; shutting down");
+            self.fault.get_or_insert(fault);
             shutdown.cancel();
         }
     }
 
-    // Leave a slice of the grace period for the commit, the group leave and the DLQ flush.
-    let grace = cfg.shutdown.grace_period;
-    let reserve = (grace / 4).min(Duration::from_secs(5));
-    let (records, _) = in_flight.get();
-    tracing::info!(in_flight = records, grace = ?grace, "shutting down: finishing records already read");
-    if tokio::time::timeout(grace - reserve, &mut scheduler).await.is_err() {
-        let (records, _) = in_flight.get();
-        tracing::warn!(
-            unfinished = records,
-            "grace period over; unfinished records are not committed and will be delivered again"
+    /// Lets the scheduler finish the records already read until `deadline`, then abandons
+    /// the rest (not committed; delivered again after the restart).
+    async fn drain(&mut self, deadlines: &Deadlines, hard_stop: &CancellationToken, in_flight: &InFlight) {
+        let Some(mut scheduler) = self.scheduler.take() else {
+            // No scheduler: nothing will report the jobs still running; stop them.
+            hard_stop.cancel();
+            return;
+        };
+        let result = match tokio::time::timeout_at(deadlines.drain, &mut scheduler).await {
+            Ok(result) => result,
+            Err(_) => {
+                let (records, _) = in_flight.get();
+                tracing::warn!(
+                    unfinished = records,
+                    "grace period over; unfinished records are not committed and will be delivered again"
+                );
+                hard_stop.cancel();
+                // Jobs stop at once on the hard stop; do not eat into the commit's time.
+                match tokio::time::timeout(deadlines.reserve / 4, scheduler).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Err(e) = result {
+            self.fault.get_or_insert(scheduler_fault(Err(e)));
+        }
+    }
+
+    /// Waits (until `deadline`) for the poll thread's final commit and group leave.
+    async fn close_consumer(&mut self, deadline: Instant) {
+        match tokio::time::timeout_at(deadline, &mut self.poll.closed).await {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(problem))) => {
+                self.fault.get_or_insert(problem);
+            }
+            Ok(Err(_)) => {
+                self.fault
+                    .get_or_insert("the Kafka poll thread died before closing the consumer".into());
+            }
+            Err(_) => tracing::error!("the Kafka consumer did not close in time"),
+        }
+        // A stop reason the poll thread reported after the wait for the signal was over.
+        if let Ok(reason) = self.poll.failed.try_recv() {
+            self.fault.get_or_insert(reason);
+        }
+    }
+}
+
+/// `now + d`, or a far-off instant when that does not fit.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+fn scheduler_fault(result: Result<(), JoinError>) -> String {
+    match result {
+        Ok(()) => "the scheduler stopped unexpectedly".into(),
+        Err(e) if e.is_panic() => format!(
+            "the scheduler panicked: {}",
+            crate::scheduler::panic_message(&*e.into_panic())
+        ),
+        Err(e) => format!("the scheduler task failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn parts(scheduler: JoinHandle<()>) -> (Shutdown, oneshot::Sender<String>, oneshot::Sender<Option<String>>) {
+        let (failed_tx, failed) = oneshot::channel();
+        let (closed_tx, closed) = oneshot::channel();
+        let stop = Shutdown {
+            scheduler: Some(scheduler),
+            poll: PollThread { failed, closed },
+            fault: None,
+        };
+        (stop, failed_tx, closed_tx)
+    }
+
+    #[tokio::test]
+    async fn a_scheduler_that_panics_is_a_fault_and_its_handle_is_not_polled_again() {
+        let (mut stop, _failed, closed) = parts(tokio::spawn(async { panic!("boom") }));
+        let shutdown = CancellationToken::new();
+        stop.wait_for_stop(&shutdown).await;
+        assert!(shutdown.is_cancelled(), "the fault starts the shutdown");
+        let hard_stop = CancellationToken::new();
+        // Used to await the finished JoinHandle again: "JoinHandle polled after completion".
+        let deadlines = Deadlines::new(Duration::from_secs(4));
+        stop.drain(&deadlines, &hard_stop, &InFlight::default()).await;
+        assert!(hard_stop.is_cancelled(), "jobs nobody reports on are stopped");
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(stop.fault.as_deref(), Some("the scheduler panicked: boom"));
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_that_stops_on_its_own_is_a_fault_and_the_scheduler_still_drains() {
+        let (mut stop, failed, closed) = parts(tokio::spawn(tokio::time::sleep(Duration::from_millis(50))));
+        failed
+            .send("the Kafka poll thread panicked: bad header".into())
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        stop.wait_for_stop(&shutdown).await;
+        assert!(shutdown.is_cancelled());
+        let hard_stop = CancellationToken::new();
+        let deadlines = Deadlines::new(Duration::from_secs(20));
+        stop.drain(&deadlines, &hard_stop, &InFlight::default()).await;
+        assert!(!hard_stop.is_cancelled(), "the scheduler finished its records in time");
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(
+            stop.fault.as_deref(),
+            Some("the Kafka poll thread panicked: bad header")
         );
-        hard_stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), &mut scheduler).await;
     }
-    close.cancel();
-    if tokio::time::timeout(reserve, poll_done).await.is_err() {
-        tracing::error!("the Kafka consumer did not close in time");
+
+    #[tokio::test]
+    async fn parts_that_end_because_of_the_signal_are_no_fault() {
+        let (mut stop, failed, closed) = parts(tokio::spawn(async {}));
+        drop(failed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        stop.wait_for_stop(&shutdown).await;
+        let deadlines = Deadlines::new(Duration::from_secs(4));
+        stop.drain(&deadlines, &CancellationToken::new(), &InFlight::default())
+            .await;
+        closed.send(None).unwrap();
+        stop.close_consumer(deadlines.exit).await;
+        assert_eq!(stop.fault, None);
     }
-    if let Some(dlq) = &worker.dlq {
-        let dlq_flush = reserve / 2;
-        tokio::task::block_in_place(|| dlq.flush(dlq_flush));
+
+    #[tokio::test]
+    async fn a_problem_while_closing_the_consumer_is_a_fault() {
+        let (mut stop, _failed, closed) = parts(tokio::spawn(async {}));
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        stop.wait_for_stop(&shutdown).await;
+        closed.send(Some("the final offset commit panicked: x".into())).unwrap();
+        stop.close_consumer(later(Instant::now(), Duration::from_secs(5))).await;
+        assert_eq!(stop.fault.as_deref(), Some("the final offset commit panicked: x"));
     }
-    telemetry::shutdown(tracer);
-    tracing::info!("shutdown complete");
-    Ok(())
+
+    #[test]
+    fn the_grace_period_ends_with_the_drain_then_the_commit_then_the_exit() {
+        let d = Deadlines::new(Duration::from_secs(8));
+        assert_eq!(d.reserve, Duration::from_secs(2));
+        assert!(d.drain < d.commit && d.commit < d.exit);
+        assert_eq!(d.exit - d.drain, d.reserve);
+        let d = Deadlines::new(Duration::from_secs(60));
+        assert_eq!(d.reserve, Duration::from_secs(5), "at most 5 s");
+        let d = Deadlines::new(Duration::MAX);
+        assert!(d.drain <= d.exit, "a huge grace period does not overflow");
+    }
 }

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub dlq_errors: Family<DlqErrorLabels, Counter>,
     pub dlq_values_dropped: Counter,
     pub dlq_blocked_records: Gauge,
+    /// Delivery jobs that panicked (each panic once); their records are run again or dead-lettered.
+    pub job_panics: Counter,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -230,10 +232,17 @@ impl Metrics {
             "Records kept unfinished because the dead-letter topic refuses them (unknown topic, authorization, ...)",
             dlq_blocked_records.clone(),
         );
+        let job_panics = Counter::default();
+        registry.register(
+            "job_panics",
+            "Delivery jobs that panicked (a bug): their records are run again, then dead-lettered with error class panic",
+            job_panics.clone(),
+        );
         Self {
             dlq_errors,
             dlq_values_dropped,
             dlq_blocked_records,
+            job_panics,
             batch_size,
             dedup_seconds,
             dedup_errors,

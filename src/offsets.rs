@@ -8,10 +8,14 @@
 //! Each assignment of a partition gets a fresh generation. A completion tagged with an
 //! older generation (work that finished after its partition was revoked) is ignored, so it
 //! can never move a newer assignment's commit position.
+//!
+//! A revoke drain blocks in [`OffsetTracker::wait_finished`] and is woken when a partition's
+//! last unfinished record is finished; finishing costs nothing extra while nobody waits.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// A topic and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,6 +99,9 @@ pub struct PartitionView {
 pub struct OffsetTracker {
     partitions: Mutex<HashMap<TopicPartition, PartitionState>>,
     generations: AtomicU64,
+    /// Threads in `wait_finished` (changed with `partitions` locked), and their wake-up.
+    drain_waiters: AtomicUsize,
+    drained: Condvar,
 }
 
 impl OffsetTracker {
@@ -140,9 +147,50 @@ impl OffsetTracker {
     pub fn finish(&self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
         let mut parts = self.lock();
         match parts.get_mut(tp) {
-            Some(state) if state.generation == generation => state.pending.remove(&offset).is_some(),
+            Some(state) if state.generation == generation => {
+                let removed = state.pending.remove(&offset).is_some();
+                if removed && state.pending.is_empty() && self.drain_waiters.load(Ordering::Relaxed) > 0 {
+                    self.drained.notify_all();
+                }
+                removed
+            }
             _ => false,
         }
+    }
+
+    /// Whether this record was read under the current assignment and is not finished yet.
+    pub fn is_unfinished(&self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
+        self.lock()
+            .get(tp)
+            .is_some_and(|s| s.generation == generation && s.pending.contains_key(&offset))
+    }
+
+    /// Blocks until the given partitions have no unfinished records or `deadline()` has
+    /// passed; returns how many are left. `deadline` is read again on every wake-up, so it
+    /// may move earlier: whoever moves it calls [`OffsetTracker::wake_waiters`].
+    pub fn wait_finished(&self, tps: &[TopicPartition], deadline: impl Fn() -> Instant) -> usize {
+        let mut parts = self.lock();
+        self.drain_waiters.fetch_add(1, Ordering::Relaxed);
+        let left = loop {
+            let left: usize = tps.iter().filter_map(|tp| parts.get(tp)).map(|s| s.pending.len()).sum();
+            let now = Instant::now();
+            let until = deadline();
+            if left == 0 || now >= until {
+                break left;
+            }
+            parts = match self.drained.wait_timeout(parts, until - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        };
+        self.drain_waiters.fetch_sub(1, Ordering::Relaxed);
+        left
+    }
+
+    /// Wakes every [`OffsetTracker::wait_finished`] so that it reads its deadline again.
+    pub fn wake_waiters(&self) {
+        let _parts = self.lock();
+        self.drained.notify_all();
     }
 
     /// Whether work tagged with this generation still belongs to a current assignment.
@@ -180,13 +228,15 @@ impl OffsetTracker {
         }
     }
 
-    /// Stops tracking revoked partitions; returns their final commit positions.
+    /// Stops tracking revoked partitions; returns their final commit positions (those not
+    /// confirmed committed already).
     pub fn revoke(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
         let mut parts = self.lock();
         tps.iter()
             .filter_map(|tp| {
                 let state = parts.remove(tp)?;
-                Some((tp.clone(), state.position()?))
+                let pos = state.position()?;
+                state.committed.is_none_or(|c| pos > c).then(|| (tp.clone(), pos))
             })
             .collect()
     }
@@ -310,10 +360,83 @@ mod tests {
     }
 
     #[test]
+    fn a_revoke_returns_no_position_that_is_committed_already() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0), tp(1)]);
+        let g0 = t.read(&tp(0), 0, None);
+        let g1 = t.read(&tp(1), 0, None);
+        t.finish(&tp(0), 0, g0);
+        t.finish(&tp(1), 0, g1);
+        t.committed(&[(tp(0), 1)]);
+        assert_eq!(t.revoke(&[tp(0), tp(1)]), vec![(tp(1), 1)]);
+    }
+
+    #[test]
     fn a_partition_with_nothing_read_has_nothing_to_commit() {
         let t = OffsetTracker::default();
         t.assign(&[tp(2)]);
         assert!(t.positions_to_commit().is_empty());
         assert!(t.revoke(&[tp(2)]).is_empty());
+    }
+
+    #[test]
+    fn a_revoke_drain_is_woken_when_the_last_record_of_its_partitions_finishes() {
+        let t = Arc::new(OffsetTracker::default());
+        t.assign(&[tp(0), tp(1)]);
+        let g = t.read(&tp(0), 0, None);
+        t.read(&tp(0), 1, None);
+        t.read(&tp(1), 0, None);
+        let finisher = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                assert!(t.finish(&tp(0), 1, g));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                assert!(t.finish(&tp(0), 0, g));
+            })
+        };
+        let started = Instant::now();
+        let far = started + std::time::Duration::from_secs(60);
+        assert_eq!(t.wait_finished(&[tp(0)], || far), 0, "partition 1 is not waited for");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "woken, not timed out"
+        );
+        finisher.join().unwrap();
+    }
+
+    #[test]
+    fn a_revoke_drain_reads_its_deadline_again_when_woken() {
+        let t = Arc::new(OffsetTracker::default());
+        t.assign(&[tp(0)]);
+        t.read(&tp(0), 0, None);
+        let deadline = Arc::new(Mutex::new(Instant::now() + std::time::Duration::from_secs(60)));
+        let shortener = {
+            let (t, deadline) = (t.clone(), deadline.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                *deadline.lock().unwrap() = Instant::now();
+                t.wake_waiters();
+            })
+        };
+        let started = Instant::now();
+        assert_eq!(t.wait_finished(&[tp(0)], || *deadline.lock().unwrap()), 1);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the moved deadline ended the wait"
+        );
+        shortener.join().unwrap();
+    }
+
+    #[test]
+    fn is_unfinished_only_for_a_pending_record_of_the_current_generation() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0)]);
+        let g = t.read(&tp(0), 0, None);
+        assert!(t.is_unfinished(&tp(0), 0, g));
+        assert!(!t.is_unfinished(&tp(0), 0, g + 1));
+        assert!(!t.is_unfinished(&tp(0), 1, g));
+        t.finish(&tp(0), 0, g);
+        assert!(!t.is_unfinished(&tp(0), 0, g));
     }
 }

@@ -9,19 +9,27 @@
 //!   slow to read that prefetch soon (or the breaker opens) is every assigned partition
 //!   paused, until in-flight falls below the resume threshold. Records are never buffered
 //!   past the limit or dropped.
-//! - Revoke: wait (up to `revoke_drain_timeout`) until the revoked partitions' records are
-//!   finished, commit their watermark synchronously, then let the unassign happen. A lost
-//!   assignment is not committed (another member owns it already).
+//! - Revoke: wait (up to `revoke_drain_timeout`, and once shutdown began no longer than its
+//!   drain deadline) until the revoked partitions' records are finished, commit their
+//!   watermark synchronously, then let the unassign happen. A lost assignment is not
+//!   committed (another member owns it already). The wait is woken by the offset tracker
+//!   when records finish, not by polling it.
 //! - Shutdown: stop reading and pause; keep polling so the membership stays healthy while
 //!   the workers drain; on `close`, commit synchronously and close the consumer, which
 //!   leaves the group.
 //! - Start-up: until the brokers answer, retry with backoff (never exit). A rejected login
 //!   (SASL) or a failed TLS handshake is named as such, with the settings to check, instead of
 //!   "cannot reach the brokers".
+//! - Faults: the thread's work and the rebalance callbacks are panic-safe (a panic must not
+//!   unwind into librdkafka, which would abort the process). If reading panics or stops on its
+//!   own (a callback panicked, the scheduler is gone, subscribing failed), the thread reports
+//!   it ([`PollThread::failed`]) and still drains, commits what is finished and closes the
+//!   consumer when told to.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -38,15 +46,18 @@ use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
-use crate::scheduler::{InFlight, Input};
+use crate::scheduler::{panic_message, InFlight, Input};
 
 mod backpressure;
 
 pub use backpressure::Limits;
 use backpressure::{Flow, Pressure};
 
-/// Sleep between checks while holding at the in-flight limit.
-const HOLD_TICK: Duration = Duration::from_millis(1);
+/// Longest wait while holding at the in-flight limit before the loop looks again (commit
+/// interval, rate window, breaker). A release of records ends the wait at once.
+const HOLD_WAIT: Duration = Duration::from_millis(50);
+/// Poll between tries of a final commit refused by a rebalance.
+const FINAL_COMMIT_POLL: Duration = Duration::from_millis(100);
 /// How often partitions paused at their share are checked for resuming.
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
@@ -57,12 +68,17 @@ pub struct SourceState {
     pub joined: AtomicBool,
     /// Partitions are paused by backpressure.
     pub paused: AtomicBool,
-    /// Shutdown began: stop reading, do not wait in revoke callbacks.
+    /// The drain is over: do not wait in revoke callbacks.
     pub closing: AtomicBool,
     /// Before joining: the authentication or TLS failure that is the latest known cause of the
     /// brokers being unusable, for the connect loop's log line. librdkafka reports it as an
     /// error event (and suppresses repeats of it), not as the metadata request's error.
     security_failure: Mutex<Option<SecurityFailure>>,
+    /// Once shutdown began: when its drain ends (revoke callbacks wait no longer than this),
+    /// and until when the final commit may be retried while a rebalance refuses it.
+    shutdown_deadlines: Mutex<Option<(Instant, Instant)>>,
+    /// A panic caught in a librdkafka callback, for the poll thread to report.
+    fault: Mutex<Option<String>>,
 }
 
 /// Why the brokers refused a connection that reached them.
@@ -119,6 +135,37 @@ impl SourceState {
             *slot = failure;
         }
     }
+
+    /// Shutdown began and its drain ends at `drain`: a revoke drain under way or to come
+    /// waits no longer than that, so the final commit and the group leave still fit in the
+    /// grace period. A final commit refused by a rebalance is retried until `commit`.
+    pub fn begin_shutdown(&self, drain: Instant, commit: Instant, tracker: &OffsetTracker) {
+        *self.shutdown_deadlines.lock().unwrap_or_else(PoisonError::into_inner) = Some((drain, commit));
+        tracker.wake_waiters();
+    }
+
+    fn shutdown_deadline(&self) -> Option<Instant> {
+        self.deadlines().map(|(drain, _)| drain)
+    }
+
+    fn final_commit_deadline(&self) -> Option<Instant> {
+        self.deadlines().map(|(_, commit)| commit)
+    }
+
+    fn record_fault(&self, reason: String) {
+        self.fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(reason);
+    }
+
+    fn take_fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn deadlines(&self) -> Option<(Instant, Instant)> {
+        *self.shutdown_deadlines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// librdkafka callbacks.
@@ -167,34 +214,49 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        self.metrics.rebalances.inc();
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let tps = topic_partitions(tpl);
-                tracing::info!(partitions = %fmt_tps(&tps), "partitions assigned");
-                self.tracker.assign(&tps);
+        self.guarded("rebalance", || {
+            self.metrics.rebalances.inc();
+            match rebalance {
+                Rebalance::Assign(tpl) => {
+                    let tps = topic_partitions(tpl);
+                    tracing::info!(partitions = %fmt_tps(&tps), "partitions assigned");
+                    self.tracker.assign(&tps);
+                }
+                Rebalance::Revoke(tpl) => self.on_revoke(consumer, topic_partitions(tpl)),
+                Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
             }
-            Rebalance::Revoke(tpl) => self.on_revoke(consumer, topic_partitions(tpl)),
-            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
-        }
+        });
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.state.joined.store(true, Ordering::Relaxed);
-            // New partitions join the paused state if backpressure is on.
-            if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+        self.guarded("rebalance", || {
+            if let Rebalance::Assign(tpl) = rebalance {
+                self.state.joined.store(true, Ordering::Relaxed);
+                // New partitions join the paused state if backpressure is on.
+                if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+                    }
                 }
             }
-        }
-        let assigned = consumer.assignment().map_or(0, |a| a.count());
-        self.metrics.assigned_partitions.set(assigned as i64);
+            let assigned = consumer.assignment().map_or(0, |a| a.count());
+            self.metrics.assigned_partitions.set(assigned as i64);
+        });
     }
 }
 
 impl SourceContext {
+    /// Runs the body of a librdkafka callback. A panic must not unwind into librdkafka (that
+    /// aborts the process, skipping the final commit and the group leave): it is caught and
+    /// recorded as a fault, on which the poll thread stops reading and shuts down cleanly.
+    fn guarded(&self, callback: &str, body: impl FnOnce()) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+            let reason = format!("the Kafka {callback} callback panicked: {}", panic_message(&*panic));
+            tracing::error!("{reason}");
+            self.state.record_fault(reason);
+        }
+    }
+
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tps: Vec<TopicPartition>) {
         let lost = consumer.assignment_lost();
         let closing = self.state.closing.load(Ordering::Relaxed);
@@ -202,21 +264,29 @@ impl SourceContext {
         if !lost && !closing {
             // Let the workers finish what was read from these partitions, so that the
             // commit below covers it and the new owner does not deliver it again.
-            let deadline = Instant::now() + self.drain_timeout;
-            while self.tracker.unfinished(&tps) > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let left = self.tracker.unfinished(&tps);
-            if left > 0 {
+            let timeout = deadline_after(self.drain_timeout);
+            let deadline = || self.state.shutdown_deadline().map_or(timeout, |d| d.min(timeout));
+            let left = self.tracker.wait_finished(&tps, deadline);
+            if left > 0 && self.state.shutdown_deadline().is_some_and(|d| d < timeout) {
+                tracing::warn!(
+                    records = left,
+                    "revoke drain cut short by the shutdown deadline (shutdown.grace_period); \
+                     unfinished records will be redelivered by the new owner"
+                );
+            } else if left > 0 {
                 tracing::warn!(
                     records = left,
                     "revoke drain timed out; unfinished records will be redelivered by the new owner"
                 );
             }
         }
-        let final_positions = self.tracker.revoke(&tps);
+        let mut positions = self.tracker.revoke(&tps);
         if !lost {
-            commit_sync(consumer, &self.tracker, &self.metrics, &final_positions);
+            // The kept partitions too: no periodic commit ran while this callback waited, and
+            // the rebalance that follows refuses commits until it completes.
+            positions.extend(self.tracker.positions_to_commit());
+            positions.sort();
+            commit_sync(consumer, &self.tracker, &self.metrics, &positions);
         }
         let msg = Input::Revoked(tps);
         let _ = if closing {
@@ -343,29 +413,83 @@ pub struct PollLoop {
     pub close: CancellationToken,
 }
 
+/// The running poll thread, as the app sees it.
+pub struct PollThread {
+    /// Resolves with the reason when the thread stopped reading before shutdown asked it to
+    /// (it panicked, the scheduler is gone, subscribing failed). The thread then drains as in
+    /// a shutdown. Resolves with an error only if the thread died without saying why.
+    pub failed: tokio::sync::oneshot::Receiver<String>,
+    /// Resolves when the consumer is closed (the group left), with a problem met on the way
+    /// (a panic while draining, committing or closing), if any.
+    pub closed: tokio::sync::oneshot::Receiver<Option<String>>,
+}
+
 impl PollLoop {
-    /// Runs the loop on a dedicated thread; the handle's result arrives when the consumer is closed.
-    pub fn spawn(self) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    /// Runs the loop on a dedicated thread.
+    pub fn spawn(self) -> std::io::Result<PollThread> {
+        let (failed_tx, failed) = tokio::sync::oneshot::channel();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
-            self.run();
-            let _ = done_tx.send(());
+            let problem = self.run(failed_tx);
+            let _ = closed_tx.send(problem);
         })?;
-        Ok(done_rx)
+        Ok(PollThread { failed, closed })
     }
 
-    fn run(self) {
-        if self.connect_and_subscribe() {
-            self.read();
-            self.drain();
+    /// Reads until stopped, drains until `close`, commits and closes the consumer. A panic in
+    /// any step is caught and reported, and the steps after it still run: whatever happens,
+    /// what is finished is committed and the group is left.
+    fn run(self, failed: tokio::sync::oneshot::Sender<String>) -> Option<String> {
+        let stopped_early = match catch_unwind(AssertUnwindSafe(|| self.read_until_stopped())) {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(reason),
+            Err(panic) => Some(format!("the Kafka poll thread panicked: {}", panic_message(&*panic))),
+        };
+        if let Some(reason) = stopped_early {
+            tracing::error!("{reason}; draining what was read, then committing and leaving the group");
+            let _ = failed.send(reason);
+        }
+        let mut problem = None;
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.drain())) {
+            problem = Some(format!(
+                "the Kafka poll thread panicked while draining: {}",
+                panic_message(&*panic)
+            ));
         }
         self.state.closing.store(true, Ordering::Relaxed);
-        let positions = self.tracker.positions_to_commit();
-        commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.final_commit())) {
+            problem = Some(format!("the final offset commit panicked: {}", panic_message(&*panic)));
+        }
         tracing::info!("closing the Kafka consumer (leaving the group)");
         let PollLoop { consumer, .. } = self;
-        drop(consumer);
-        tracing::info!("Kafka consumer closed");
+        match catch_unwind(AssertUnwindSafe(|| drop(consumer))) {
+            Ok(()) => tracing::info!("Kafka consumer closed"),
+            Err(panic) => {
+                problem = Some(format!(
+                    "closing the Kafka consumer panicked: {}",
+                    panic_message(&*panic)
+                ))
+            }
+        }
+        // A callback that panicked after reading ended (during the drain or the close).
+        if let Some(fault) = self.state.take_fault() {
+            problem.get_or_insert(fault);
+        }
+        if let Some(problem) = &problem {
+            tracing::error!("{problem}");
+        }
+        problem
+    }
+
+    /// Connects, subscribes and reads until `stop`. An error names why it stopped before.
+    fn read_until_stopped(&self) -> Result<(), String> {
+        if !self.connect_and_subscribe() {
+            if self.stop.is_cancelled() {
+                return Ok(());
+            }
+            return Err("subscribing to the topics failed".into());
+        }
+        self.read()
     }
 
     /// Waits until the brokers answer, then subscribes. False if shutdown came first.
@@ -426,7 +550,8 @@ impl PollLoop {
         }
     }
 
-    fn read(&self) {
+    /// Reads until `stop`; an error when the scheduler stopped taking records.
+    fn read(&self) -> Result<(), String> {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
@@ -435,7 +560,11 @@ impl PollLoop {
         let mut capped = HashSet::new();
         let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
-            let flow = self.apply_backpressure(&mut pressure, &capped);
+            if let Some(fault) = self.state.take_fault() {
+                return Err(fault);
+            }
+            let seen = self.in_flight.get();
+            let flow = self.apply_backpressure(&mut pressure, &capped, seen);
             if last_share_check.elapsed() >= SHARE_CHECK {
                 self.release_shares(&pressure, &mut capped);
                 last_share_check = Instant::now();
@@ -445,7 +574,9 @@ impl PollLoop {
                 last_commit = Instant::now();
             }
             if flow == Flow::Hold {
-                std::thread::sleep(HOLD_TICK);
+                // No poll while holding: it would hand over a record. Holding ends within a
+                // rate window (or partitions are paused and polled), well within max.poll.interval.
+                self.in_flight.wait_for_release(seen, HOLD_WAIT);
                 continue;
             }
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
@@ -472,13 +603,13 @@ impl PollLoop {
             pressure.on_read(record.size());
             self.metrics.record_outcome(&record, "consumed");
             if self.input.blocking_send(Input::Record(record)).is_err() {
-                tracing::error!("scheduler stopped unexpectedly; stopping consumption");
-                return;
+                return Err("the scheduler stopped taking records".into());
             }
             if pressure.is_slow() {
                 self.cap_share(&pressure, tp, &mut capped);
             }
         }
+        Ok(())
     }
 
     /// While the pipeline is slow, pauses a partition that holds its share of the record limit.
@@ -557,8 +688,12 @@ impl PollLoop {
     }
 
     /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
-    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &HashSet<TopicPartition>) -> Flow {
-        let (records, bytes) = self.in_flight.get();
+    fn apply_backpressure(
+        &self,
+        pressure: &mut Pressure,
+        capped: &HashSet<TopicPartition>,
+        (records, bytes): (usize, usize),
+    ) -> Flow {
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
         let flow = pressure.update(Instant::now(), records, bytes);
@@ -616,6 +751,30 @@ impl PollLoop {
         self.metrics.paused_partitions.set(paused as i64);
     }
 
+    /// The commit before closing. A commit refused because a rebalance is under way (say the
+    /// one a revoke during the drain started) is tried again, polling in between so that the
+    /// member rejoins, until the final-commit deadline of the shutdown.
+    fn final_commit(&self) {
+        loop {
+            let positions = self.tracker.positions_to_commit();
+            let error = match try_commit(&self.consumer, &self.tracker, &self.metrics, &positions) {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let retry = refused_by_rebalance(&error)
+                && self
+                    .state
+                    .final_commit_deadline()
+                    .is_some_and(|until| Instant::now() + FINAL_COMMIT_POLL < until);
+            if !retry {
+                return tracing::error!(error = %error, positions = %fmt_positions(&positions), "final offset commit failed; these records will be delivered again");
+            }
+            tracing::debug!(error = %error, "final commit refused during a rebalance; polling and trying again");
+            // A record returned now is not handed over and not tracked (as in the drain).
+            let _ = self.consumer.poll(FINAL_COMMIT_POLL);
+        }
+    }
+
     /// Periodic commit. Synchronous: it runs on this dedicated thread, takes one round trip,
     /// and its result updates the tracker directly (async commit results arrive, if at all,
     /// through librdkafka's event queue).
@@ -625,26 +784,49 @@ impl PollLoop {
     }
 }
 
+/// `now + d`, or a far-off instant when that does not fit.
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 fn commit_sync(
     consumer: &SourceConsumer,
     tracker: &OffsetTracker,
     metrics: &Metrics,
     positions: &[(TopicPartition, i64)],
 ) {
+    if let Err(e) = try_commit(consumer, tracker, metrics, positions) {
+        tracing::error!(error = %e, positions = %fmt_positions(positions), "synchronous offset commit failed; these records may be delivered again");
+    }
+}
+
+/// Commits synchronously and records the result (tracker, metrics), without logging a failure.
+fn try_commit(
+    consumer: &SourceConsumer,
+    tracker: &OffsetTracker,
+    metrics: &Metrics,
+    positions: &[(TopicPartition, i64)],
+) -> Result<(), KafkaError> {
     if positions.is_empty() {
-        return;
+        return Ok(());
     }
-    match consumer.commit(&to_tpl(positions), CommitMode::Sync) {
-        Ok(()) => {
-            tracker.committed(positions);
-            metrics.commit(true);
-            tracing::debug!(positions = %fmt_positions(positions), "committed offsets");
-        }
-        Err(e) => {
-            metrics.commit(false);
-            tracing::error!(error = %e, positions = %fmt_positions(positions), "synchronous offset commit failed; these records may be delivered again");
-        }
+    let result = consumer.commit(&to_tpl(positions), CommitMode::Sync);
+    metrics.commit(result.is_ok());
+    if result.is_ok() {
+        tracker.committed(positions);
+        tracing::debug!(positions = %fmt_positions(positions), "committed offsets");
     }
+    result
+}
+
+/// The group refuses commits while a rebalance is under way; they succeed once this member
+/// rejoined (which polling lets happen).
+fn refused_by_rebalance(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{IllegalGeneration, RebalanceInProgress};
+    matches!(e, KafkaError::ConsumerCommit(IllegalGeneration | RebalanceInProgress))
 }
 
 /// Logs consumer errors at most once per 10 s per distinct message.
@@ -739,5 +921,42 @@ mod tests {
         }
         state.set_security_failure(None);
         assert!(state.security_failure().is_none());
+    }
+
+    fn context(state: &Arc<SourceState>) -> SourceContext {
+        let (input, _) = mpsc::channel(1);
+        SourceContext {
+            tracker: Arc::new(OffsetTracker::default()),
+            input,
+            state: state.clone(),
+            metrics: Arc::new(Metrics::new()),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_panic_in_a_callback_is_caught_and_becomes_a_fault_for_the_poll_thread() {
+        let state = Arc::new(SourceState::default());
+        let ctx = context(&state);
+        ctx.guarded("rebalance", || panic!("bad partition list"));
+        ctx.guarded("rebalance", || panic!("a second one"));
+        assert_eq!(
+            state.take_fault().as_deref(),
+            Some("the Kafka rebalance callback panicked: bad partition list"),
+            "the first fault is kept"
+        );
+        ctx.guarded("rebalance", || {});
+        assert_eq!(state.take_fault(), None);
+    }
+
+    #[test]
+    fn shutdown_deadlines_are_shared_with_the_callbacks() {
+        let state = Arc::new(SourceState::default());
+        assert_eq!(state.shutdown_deadline(), None, "no cap before shutdown");
+        let now = Instant::now();
+        let (drain, commit) = (now + Duration::from_secs(3), now + Duration::from_secs(4));
+        state.begin_shutdown(drain, commit, &OffsetTracker::default());
+        assert_eq!(state.shutdown_deadline(), Some(drain));
+        assert_eq!(state.final_commit_deadline(), Some(commit));
     }
 }

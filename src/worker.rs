@@ -10,8 +10,15 @@
 //! for the job; a retry refreshes the lease): a done key finishes its record as
 //! `deduplicated`, a key held elsewhere makes its record wait, and the keys of delivered or
 //! dead-lettered records are marked done before their offsets can be committed.
+//!
+//! A job that panics (a bug, on whatever input) is caught by the scheduler and handed to
+//! [`JobRunner::after_panic`]: the record is run again with backoff, and once it has panicked
+//! `retry.max_attempts` times it is dead-lettered with error class `panic` (without a DLQ it
+//! is run again at the maximum backoff and blocks its lane, like any record that cannot be
+//! delivered). Every panic is counted in `job_panics_total`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +37,7 @@ use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::ratelimit::{Permit, RateLimiter};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
+use crate::scheduler::JobRunner;
 use crate::telemetry::DeliverySpan;
 
 /// Everything a job needs; shared by all jobs.
@@ -77,28 +85,20 @@ struct Settled<'a> {
 /// The job stopped early: shutdown's hard stop.
 struct Stopped;
 
+impl JobRunner for Worker {
+    fn run(&self, job: &[Record]) -> impl Future<Output = ()> + Send {
+        self.deliver(job)
+    }
+
+    fn after_panic(&self, job: &[Record], panics: u32, message: &str) -> impl Future<Output = bool> + Send {
+        self.handle_panic(job, panics, message)
+    }
+}
+
 impl Worker {
     /// Delivers a job; returns when every record is finished or abandoned.
-    pub async fn run(&self, job: &[Record]) {
-        let mut open: Vec<Open<'_>> = job
-            .iter()
-            .map(|record| {
-                let span = DeliverySpan::start(record, &self.group);
-                let key = derive_key(&self.key_source, record);
-                if key.fallback && self.dedup.is_some() {
-                    self.metrics.dedup_key_fallbacks.inc();
-                }
-                Open {
-                    record,
-                    failures: 0,
-                    exhausted_logged: false,
-                    trace: span.headers(),
-                    span,
-                    key: key.key,
-                    ready: true,
-                }
-            })
-            .collect();
+    pub async fn deliver(&self, job: &[Record]) {
+        let mut open: Vec<Open<'_>> = job.iter().map(|record| self.open(record)).collect();
         // Log lines of this job carry the (first) record's coordinates and trace id.
         let first = &job[0];
         let log_span = tracing::info_span!(
@@ -114,6 +114,86 @@ impl Worker {
                 o.span.end("abandoned", 0, Some("shutdown grace period over"));
             }
         }
+    }
+
+    fn open<'a>(&self, record: &'a Record) -> Open<'a> {
+        let span = DeliverySpan::start(record, &self.group);
+        let key = derive_key(&self.key_source, record);
+        if key.fallback && self.dedup.is_some() {
+            self.metrics.dedup_key_fallbacks.inc();
+        }
+        Open {
+            record,
+            failures: 0,
+            exhausted_logged: false,
+            trace: span.headers(),
+            span,
+            key: key.key,
+            ready: true,
+        }
+    }
+
+    /// See [`JobRunner::after_panic`]: run a record again with backoff, dead-letter it with
+    /// error class `panic` after `retry.max_attempts` panics. A job of several records is run
+    /// again at once, one record at a time (the scheduler splits it).
+    async fn handle_panic(&self, job: &[Record], panics: u32, message: &str) -> bool {
+        self.metrics.job_panics.inc();
+        let first = &job[0];
+        if job.len() > 1 {
+            tracing::error!(
+                topic = %first.topic, partition = first.partition, offset = first.offset,
+                records = job.len(), panic = %message,
+                "delivery job panicked; running its records again one at a time"
+            );
+            return !self.hard_stop.is_cancelled();
+        }
+        if self.hard_stop.is_cancelled() {
+            // Abandoned: not committed, read again after the restart.
+            return false;
+        }
+        if !self.tracker.is_unfinished(&tp(first), first.offset, first.generation) {
+            // Finished before the panic, or revoked: nothing to redo. A claim the panicked run
+            // may have taken must not keep other records with this key waiting.
+            if let Some(gate) = &self.dedup {
+                let key = derive_key(&self.key_source, first).key;
+                gate.release(&[(first, key.as_str())]).await;
+            }
+            return false;
+        }
+        let attempts = panics.min(self.retry.max_attempts);
+        // Every panic is counted; a record that keeps panicking without a DLQ is logged sparingly.
+        if panics <= self.retry.max_attempts || panics % 20 == 0 {
+            tracing::error!(
+                topic = %first.topic, partition = first.partition, offset = first.offset,
+                panics, max_attempts = self.retry.max_attempts, panic = %message,
+                "delivery of a record panicked"
+            );
+        }
+        if panics < self.retry.max_attempts {
+            // The same growing backoff as failed deliveries.
+            let mut backoff = Backoff::from_config(&self.retry);
+            let mut delay = backoff.next_delay();
+            for _ in 1..panics {
+                delay = backoff.next_delay();
+            }
+            return self.sleep(delay).await.is_ok();
+        }
+        let Some(dlq) = &self.dlq else {
+            if panics == self.retry.max_attempts {
+                tracing::error!(
+                    topic = %first.topic, partition = first.partition, offset = first.offset,
+                    "record keeps panicking and no dead-letter topic is configured; \
+                     it blocks its lane and is run again at the maximum backoff"
+                );
+            }
+            return self.sleep(self.retry.max_backoff).await.is_ok();
+        };
+        let error = ErrorInfo::new("panic", format!("delivery panicked {panics} times: {message}"));
+        if let Ok(settled) = self.dead_letter(dlq, self.open(first), attempts, &error).await {
+            // Err: shutdown's hard stop came first; the record is not committed.
+            let _ = self.settle(vec![settled], attempts).await;
+        }
+        false
     }
 
     async fn run_inner<'a>(&self, open: &mut Vec<Open<'a>>) -> Result<(), Stopped> {
