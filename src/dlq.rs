@@ -13,6 +13,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RetryConfig};
+use crate::connectivity::KafkaLogContext;
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
 use crate::source::connection_config;
@@ -31,7 +32,7 @@ pub mod headers {
 
 /// The dead-letter producer.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaLogContext>,
     topic: String,
     group: String,
     retry: RetryConfig,
@@ -55,8 +56,9 @@ impl DeadLetters {
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc
-            .create()
+        // Broker outages are reported once by the consumer's connectivity state, not per retry here.
+        let producer: FutureProducer<KafkaLogContext> = cc
+            .create_with_context(KafkaLogContext::quiet())
             .map_err(|e| anyhow::anyhow!("failed to create the DLQ producer: {e}"))?;
         Ok(Some(Self {
             producer,

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::Config;
+use crate::connectivity::{is_transport_error, Connectivity, KafkaLogContext};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
@@ -48,7 +49,7 @@ const HOLD_TICK: Duration = Duration::from_millis(1);
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
 /// State shared between the poll thread, its callbacks and the admin server.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SourceState {
     /// The member received its first assignment (possibly empty: an idle member).
     pub joined: AtomicBool,
@@ -56,10 +57,23 @@ pub struct SourceState {
     pub paused: AtomicBool,
     /// Shutdown began: stop reading, do not wait in revoke callbacks.
     pub closing: AtomicBool,
+    /// Whether the brokers can be reached.
+    pub kafka: Arc<Connectivity>,
+}
+
+impl SourceState {
+    pub fn new(brokers: &str) -> Self {
+        Self {
+            kafka: Arc::new(Connectivity::new(brokers)),
+            ..Default::default()
+        }
+    }
 }
 
 /// librdkafka callbacks.
 pub struct SourceContext {
+    /// Log and error callbacks; transport failures feed the connectivity state.
+    log: KafkaLogContext,
     tracker: Arc<OffsetTracker>,
     input: mpsc::Sender<Input>,
     state: Arc<SourceState>,
@@ -69,19 +83,11 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        use RDKafkaLogLevel::*;
-        match level {
-            Emerg | Alert | Critical | Error => {
-                tracing::error!(target: "librdkafka", fac, "{message}")
-            }
-            Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
-            Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
+        self.log.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}");
+        self.log.error(error, reason);
     }
 }
 
@@ -180,6 +186,7 @@ pub fn create_consumer(
         cc.set(key, value);
     }
     let context = SourceContext {
+        log: KafkaLogContext::new(state.kafka.clone()),
         tracker,
         input,
         state,
@@ -295,6 +302,7 @@ impl PollLoop {
             }
             match self.consumer.fetch_metadata(None, Duration::from_secs(10)) {
                 Ok(md) => {
+                    self.state.kafka.up();
                     for topic in &self.topics {
                         let known = md.topics().iter().any(|t| t.name() == topic && t.error().is_none());
                         if !known {
@@ -305,7 +313,9 @@ impl PollLoop {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay().max(Duration::from_millis(200));
-                    tracing::error!(brokers = %self.brokers, error = %e, retry_in = ?delay, "cannot reach the Kafka brokers; retrying");
+                    // Logged once by the connectivity state, not per attempt.
+                    self.state.kafka.check_failed(&e.to_string());
+                    tracing::debug!(brokers = %self.brokers, error = %e, retry_in = ?delay, "cannot reach the Kafka brokers; retrying");
                     self.sleep_unless_stopped(delay);
                 }
             }
@@ -355,11 +365,12 @@ impl PollLoop {
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(Err(e)) => {
-                    errors.log(&e);
+                    errors.log(&e, &self.state.kafka);
                     continue;
                 }
                 Some(Ok(msg)) => msg,
             };
+            self.state.kafka.up();
             let topic = match topics.get(msg.topic()) {
                 Some(t) => t.clone(),
                 None => {
@@ -524,6 +535,12 @@ impl PollLoop {
     /// and its result updates the tracker directly (async commit results arrive, if at all,
     /// through librdkafka's event queue).
     fn commit(&self) {
+        // While the brokers cannot be reached a commit would only block this thread until it
+        // times out (and log an error each interval); the first interval after they answer
+        // again commits the same positions.
+        if !self.state.kafka.is_connected() {
+            return;
+        }
         let positions = self.tracker.positions_to_commit();
         commit_sync(&self.consumer, &self.tracker, &self.metrics, &positions);
     }
@@ -551,12 +568,17 @@ fn commit_sync(
     }
 }
 
-/// Logs consumer errors at most once per 10 s per distinct message.
+/// Logs consumer errors at most once per 10 s per distinct message. Transport errors go to
+/// the connectivity state instead, which logs an outage once.
 #[derive(Default)]
 struct ErrorLog(HashMap<String, Instant>);
 
 impl ErrorLog {
-    fn log(&mut self, e: &KafkaError) {
+    fn log(&mut self, e: &KafkaError, kafka: &Connectivity) {
+        if is_transport_error(e) {
+            kafka.report(&e.to_string());
+            return tracing::debug!(error = %e, "kafka consumer transport error");
+        }
         let msg = e.to_string();
         let now = Instant::now();
         if self
