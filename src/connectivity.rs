@@ -149,11 +149,17 @@ impl Connectivity {
         self.connected.store(false, Ordering::Relaxed);
     }
 
-    /// A client saw a transport failure: not yet a state change (a connection may drop and
-    /// come back at once), but the lag monitor checks now.
+    /// A request failed in a way that suggests the brokers are gone: not yet a state change
+    /// (a connection may drop and come back at once), but the lag monitor checks now.
+    pub fn suspect(&self) {
+        self.suspect.store(true, Ordering::Relaxed);
+    }
+
+    /// librdkafka reported a transport failure, e.g. "127.0.0.1:9092/1: Connect to
+    /// ipv4#127.0.0.1:9092 failed: Connection refused": remembered to explain an outage.
     pub fn report(&self, failure: &str) {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.to_string());
-        self.suspect.store(true, Ordering::Relaxed);
+        self.suspect();
     }
 
     /// A check failed with `error`: the brokers cannot be reached. The outage's error names
@@ -241,7 +247,12 @@ impl ClientContext for KafkaLogContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if is_transport_error(&error) {
             if let Some(c) = &self.connectivity {
-                c.report(reason);
+                // "1/1 brokers are down" says less than the failure that led to it.
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+                    c.suspect();
+                } else {
+                    c.report(reason);
+                }
             }
             return tracing::debug!(target: "librdkafka", error = %error, "kafka client transport error: {reason}");
         }

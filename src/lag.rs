@@ -35,10 +35,12 @@ use crate::source::connection_config;
 const TICK: Duration = Duration::from_millis(50);
 /// Between connectivity checks while the brokers are unreachable (or suspected so).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Shortest gap between two refreshes triggered by assignments.
-const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+/// Shortest gap between two refreshes triggered by assignments (or retried after a failure).
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 /// Timeout of one request to the brokers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of a connectivity check (a metadata request any live broker answers at once).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for the first records of backlogs whose age is wanted.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -120,7 +122,7 @@ impl Monitor {
     /// One metadata request: answered means connected.
     fn check_connectivity(&self) {
         let topic = (!self.probe_topic.is_empty()).then_some(self.probe_topic.as_str());
-        match self.client.fetch_metadata(topic, REQUEST_TIMEOUT) {
+        match self.client.fetch_metadata(topic, CHECK_TIMEOUT) {
             Ok(_) => self.connectivity.up(),
             Err(e) => self.connectivity.check_failed(&e.to_string()),
         }
@@ -129,7 +131,7 @@ impl Monitor {
     /// A request failed: a transport failure makes the next tick check connectivity.
     fn failed(&self, e: &KafkaError) {
         if is_transport_error(e) {
-            self.connectivity.report(&e.to_string());
+            self.connectivity.suspect();
         }
         tracing::debug!(error = %e, "cannot refresh the consumer lag");
     }
@@ -146,8 +148,14 @@ impl Monitor {
                 .set_group_committed(tp, *generation, committed.get(tp).copied().flatten());
         }
         for (tp, generation) in &targets {
-            let (low, high) = self.client.fetch_watermarks(&tp.topic, tp.partition, REQUEST_TIMEOUT)?;
-            self.tracker.set_watermarks(tp, *generation, low, high, self.reset);
+            match self.client.fetch_watermarks(&tp.topic, tp.partition, REQUEST_TIMEOUT) {
+                Ok((low, high)) => self.tracker.set_watermarks(tp, *generation, low, high, self.reset),
+                // Every other partition would time out too.
+                Err(e) if is_transport_error(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot read the partition's watermarks")
+                }
+            }
         }
         self.connectivity.up();
         self.read_heads();

@@ -576,7 +576,7 @@ struct ErrorLog(HashMap<String, Instant>);
 impl ErrorLog {
     fn log(&mut self, e: &KafkaError, kafka: &Connectivity) {
         if is_transport_error(e) {
-            kafka.report(&e.to_string());
+            kafka.suspect();
             return tracing::debug!(error = %e, "kafka consumer transport error");
         }
         let msg = e.to_string();
