@@ -207,6 +207,15 @@ pub fn is_transport_error(error: &KafkaError) -> bool {
     )
 }
 
+/// Whether an error means the connection's TLS or SASL handshake failed.
+fn is_security_error(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(SSL | Authentication | SaslAuthenticationFailed)
+    )
+}
+
 /// Log and error callbacks shared by every Kafka client of the sidecar: transport failures
 /// feed [`Connectivity`] (when given) and go to debug; everything else is logged as before.
 #[derive(Clone, Default)]
@@ -255,6 +264,13 @@ impl ClientContext for KafkaLogContext {
                 }
             }
             return tracing::debug!(target: "librdkafka", error = %error, "kafka client transport error: {reason}");
+        }
+        // A TLS or SASL failure needs a fix, so it stays an error line; it is also why the
+        // brokers cannot be reached, so /status shows it.
+        if is_security_error(&error) {
+            if let Some(c) = &self.connectivity {
+                c.report(reason);
+            }
         }
         tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}");
     }
@@ -319,6 +335,20 @@ mod tests {
             down.error.unwrap_or_default().contains("Connection refused"),
             "the cause shows"
         );
+    }
+
+    #[test]
+    fn a_tls_or_sasl_failure_is_why_the_brokers_cannot_be_reached() {
+        let c = Arc::new(conn());
+        c.up();
+        let ctx = KafkaLogContext::new(c.clone());
+        ctx.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL authentication error: invalid credentials",
+        );
+        assert!(c.needs_check());
+        c.check_failed("Meta data fetch error: OperationTimedOut");
+        assert!(c.view().error.unwrap_or_default().contains("invalid credentials"));
     }
 
     #[test]
