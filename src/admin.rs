@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
+use crate::connectivity::ConnectivityView;
 use crate::dlq::DlqHealth;
 use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
@@ -77,6 +78,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     s.metrics.ready.set(i64::from(s.ready()));
     s.metrics.breaker_state.set(s.breaker.state().as_gauge());
+    s.metrics.kafka_connected.set(i64::from(s.source.kafka.is_connected()));
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
 }
 
@@ -104,6 +106,7 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
         "ready": s.ready(),
         "paused": s.source.paused.load(Ordering::Relaxed),
         "breaker": s.breaker.state().as_str(),
+        "kafka": kafka_status(&s.source.kafka.view()),
         "shutting_down": s.shutdown.is_cancelled(),
         "in_flight": { "records": records, "bytes": bytes },
         "partitions": partitions,
@@ -123,5 +126,14 @@ fn dlq_status(d: &DlqHealth) -> serde_json::Value {
         "fix": st.fix,
         "blocked_records": st.blocked_records,
         "values_dropped": st.values_dropped,
+    })
+}
+
+/// `"kafka"` in `/status`: `connected`, `since` (RFC 3339, UTC) and `error` (null while connected).
+fn kafka_status(v: &ConnectivityView) -> serde_json::Value {
+    json!({
+        "connected": v.connected,
+        "since": humantime::format_rfc3339_seconds(v.since).to_string(),
+        "error": v.error,
     })
 }

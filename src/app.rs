@@ -35,7 +35,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let metrics = Arc::new(Metrics::new());
     let tracker = Arc::new(OffsetTracker::default());
     let in_flight = Arc::new(InFlight::default());
-    let state = Arc::new(SourceState::default());
+    let state = Arc::new(SourceState::new(&cfg.kafka.brokers));
     let hard_stop = CancellationToken::new();
     let close = CancellationToken::new();
     let tracer = telemetry::init(&cfg.telemetry)?;
@@ -81,7 +81,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         admin::serve(addr, admin_state, close.clone()).await?;
     }
 
-    lag::spawn(&cfg, tracker.clone(), metrics.clone(), close.clone())?;
+    lag::spawn(
+        &cfg,
+        tracker.clone(),
+        metrics.clone(),
+        state.kafka.clone(),
+        close.clone(),
+    )?;
 
     // Readiness gate: do not join the group before the app can take records.
     if !cfg.app.health_url.is_empty() && !worker.app.wait_healthy(&cfg.app.health_url, &shutdown).await {

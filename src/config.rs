@@ -81,7 +81,8 @@ pub struct KafkaConfig {
     /// Topics to consume. Required. A list, or a comma-separated string (handy in env vars).
     #[serde(deserialize_with = "string_or_list")]
     pub topics: Vec<String>,
-    /// Static membership id (e.g. the pod name) so restarts do not rebalance. Empty: dynamic membership.
+    /// Static membership id (e.g. the pod name; the Helm chart sets it): a restarted member takes its
+    /// partitions back at once. Empty: dynamic membership (after a crash they wait session_timeout).
     #[serde(deserialize_with = "lenient_string")]
     pub group_instance_id: String,
     /// Kafka client id, shown in broker logs and quotas.

@@ -32,6 +32,7 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RetryConfig};
+use crate::connectivity::KafkaLogContext;
 use crate::metrics::{DlqErrorLabels, Metrics};
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
@@ -275,7 +276,7 @@ impl Drop for Blocked<'_> {
 
 /// The dead-letter producer.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaLogContext>,
     topic: String,
     group: String,
     retry: RetryConfig,
@@ -306,10 +307,12 @@ impl DeadLetters {
         for (k, v) in &cfg.dlq.properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc.create().map_err(|e| {
-            let e = crate::config::redact::kafka_error(&e, "dlq.properties");
-            anyhow::anyhow!("failed to create the DLQ producer: {e}")
-        })?;
+        // Broker outages are reported once by the consumer's connectivity state, not per retry here.
+        let producer: FutureProducer<KafkaLogContext> =
+            cc.create_with_context(KafkaLogContext::quiet()).map_err(|e| {
+                let e = crate::config::redact::kafka_error(&e, "dlq.properties");
+                anyhow::anyhow!("failed to create the DLQ producer: {e}")
+            })?;
         Ok(Some(Self {
             producer,
             topic: cfg.dlq.topic.clone(),

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod breaker;
 pub mod config;
+pub mod connectivity;
 pub mod dedup;
 pub mod delivery;
 pub mod dlq;

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub concurrency_limit: Gauge,
     pub breaker_state: Gauge,
     pub ready: Gauge,
+    pub kafka_connected: Gauge,
     pub batch_size: Histogram,
     pub dedup_seconds: Family<DedupLabels, Histogram>,
     pub dedup_errors: Family<DedupLabels, Counter>,
@@ -182,6 +183,12 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when /readyz answers 200", ready.clone());
+        let kafka_connected = Gauge::default();
+        registry.register(
+            "kafka_connected",
+            "1 while the Kafka brokers answer, 0 while they cannot be reached (or not yet)",
+            kafka_connected.clone(),
+        );
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register(
             "batch_size_records",
@@ -253,6 +260,7 @@ impl Metrics {
             concurrency_limit,
             breaker_state,
             ready,
+            kafka_connected,
             records,
             delivery_seconds,
             end_to_end_seconds,

@@ -11,6 +11,15 @@
 //!
 //! A revoke drain blocks in [`OffsetTracker::wait_finished`] and is woken when a partition's
 //! last unfinished record is finished; finishing costs nothing extra while nobody waits.
+//!
+//! Lag is counted from what Kafka would hand a restarted member: the group's committed offset
+//! (fetched by the lag monitor on assignment and every `admin.lag_interval`, or confirmed by
+//! this member's own commits, whichever is further), else where this assignment started
+//! reading, else where `auto_offset_reset` starts (the low watermark for `earliest`, the end
+//! offset first seen for `latest`) — so a partition paused before its first record was read
+//! shows its whole backlog, not 0. Lag in seconds is the age of the oldest record not yet
+//! finished: the oldest unfinished record read, or, when nothing of the partition is in
+//! flight, the first unread record (its timestamp fetched by the lag monitor).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,10 +53,20 @@ struct PartitionState {
     start: Option<i64>,
     /// Timestamp of the last record read.
     last_timestamp: Option<i64>,
-    /// Last position the broker confirmed as committed.
+    /// Last position the broker confirmed as committed to this member's own commits.
     committed: Option<i64>,
+    /// The group's committed offset as last fetched by the lag monitor: `None` until fetched,
+    /// `Some(None)` when the group has committed nothing for this partition.
+    group_committed: Option<Option<i64>>,
+    /// Partition start (low watermark), refreshed by the lag monitor.
+    low_watermark: Option<i64>,
     /// Partition end (high watermark), refreshed by the lag monitor.
     high_watermark: Option<i64>,
+    /// With nothing committed: where `auto_offset_reset` starts reading, as first seen.
+    reset_origin: Option<i64>,
+    /// First record at or after a given offset and its timestamp (ms), fetched by the lag
+    /// monitor while nothing of the partition is in flight.
+    head: Option<(i64, Option<i64>)>,
 }
 
 impl PartitionState {
@@ -55,22 +74,66 @@ impl PartitionState {
         self.pending.keys().next().copied().or(self.next)
     }
 
-    /// High watermark minus the committed position (or where reading started).
-    fn lag(&self) -> Option<i64> {
-        let hi = self.high_watermark?;
-        let from = self.committed.or(self.start).unwrap_or(hi);
-        Some((hi - from).max(0))
+    /// The committed offset, as far as anyone confirmed it: this member's commits or the
+    /// group's offset fetched from Kafka.
+    fn committed(&self) -> Option<i64> {
+        self.committed.max(self.group_committed.flatten())
     }
 
-    /// Age of the oldest unfinished record; with nothing unfinished but lag left, the age of
-    /// the last record read (an upper bound for the oldest unread one).
+    /// Where the backlog starts: the committed offset, else where this assignment started
+    /// reading, else where `auto_offset_reset` starts. Never below the partition start
+    /// (records before it are gone). `None` until known.
+    fn lag_from(&self) -> Option<i64> {
+        let from = self.committed().or(self.start).or(self.reset_origin)?;
+        Some(self.low_watermark.map_or(from, |low| from.max(low)))
+    }
+
+    /// High watermark minus [`Self::lag_from`].
+    fn lag(&self) -> Option<i64> {
+        let hi = self.high_watermark?;
+        Some((hi - self.lag_from()?).max(0))
+    }
+
+    /// Age of the oldest record not finished: the oldest unfinished record read; with nothing
+    /// in flight but lag left, the first unread record (fetched by the lag monitor), else the
+    /// last record read (older than any unread one: an upper bound).
     fn lag_seconds(&self, now_ms: i64) -> f64 {
         let oldest = match self.pending.values().next() {
             Some(ts) => *ts,
-            None if self.lag().unwrap_or(0) > 0 => self.last_timestamp,
+            None if self.lag().unwrap_or(0) > 0 => match self.head {
+                Some((offset, ts)) if Some(offset) == self.lag_from() && ts.is_some() => ts,
+                _ => self.last_timestamp,
+            },
             None => None,
         };
         oldest.map_or(0.0, |ts| (now_ms - ts).max(0) as f64 / 1000.0)
+    }
+
+    /// The offset whose record's timestamp the lag monitor should fetch, if any.
+    fn head_wanted(&self) -> Option<i64> {
+        if !self.pending.is_empty() || self.lag().unwrap_or(0) == 0 {
+            return None;
+        }
+        let from = self.lag_from()?;
+        (self.head.map(|(offset, _)| offset) != Some(from)).then_some(from)
+    }
+}
+
+/// Where reading starts when the group committed nothing (`kafka.auto_offset_reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    Earliest,
+    Latest,
+}
+
+impl Reset {
+    /// From the config value (`"earliest"` or `"latest"`, validated at load).
+    pub fn from_config(value: &str) -> Self {
+        if value == "latest" {
+            Reset::Latest
+        } else {
+            Reset::Earliest
+        }
     }
 }
 
@@ -82,15 +145,15 @@ pub struct PartitionView {
     pub next: Option<i64>,
     /// Position that would be committed now.
     pub position: Option<i64>,
-    /// Last position confirmed committed.
+    /// Last position confirmed committed (by this member or, as fetched, by the group).
     pub committed: Option<i64>,
     /// Records read and not finished.
     pub pending: usize,
     /// Partition end offset, when known.
     pub high_watermark: Option<i64>,
-    /// High watermark minus committed position, when known.
+    /// Records not yet finished: high watermark minus committed offset (see the module doc).
     pub lag: Option<i64>,
-    /// Age of the oldest unfinished record in seconds (0 when none).
+    /// Age of the oldest record not yet finished, in seconds (0 when none).
     pub lag_seconds: f64,
 }
 
@@ -241,11 +304,59 @@ impl OffsetTracker {
             .collect()
     }
 
-    /// Records a partition's high watermark (from the lag monitor).
-    pub fn set_high_watermark(&self, tp: &TopicPartition, high: i64) {
-        if let Some(state) = self.lock().get_mut(tp) {
-            state.high_watermark = Some(high);
+    /// The tracked partitions with their generations, for the lag monitor's refresh.
+    pub fn refresh_targets(&self) -> Vec<(TopicPartition, u64)> {
+        let mut out: Vec<_> = self.lock().iter().map(|(tp, s)| (tp.clone(), s.generation)).collect();
+        out.sort();
+        out
+    }
+
+    /// Whether a partition was assigned and its committed offset not fetched yet.
+    pub fn needs_refresh(&self) -> bool {
+        self.lock().values().any(|s| s.group_committed.is_none())
+    }
+
+    /// Applies `f` to the partition's state if it is still the same assignment.
+    fn update(&self, tp: &TopicPartition, generation: u64, f: impl FnOnce(&mut PartitionState)) {
+        if let Some(state) = self.lock().get_mut(tp).filter(|s| s.generation == generation) {
+            f(state);
         }
+    }
+
+    /// Records the group's committed offset as fetched from Kafka (`None`: nothing committed).
+    pub fn set_group_committed(&self, tp: &TopicPartition, generation: u64, offset: Option<i64>) {
+        self.update(tp, generation, |s| s.group_committed = Some(offset));
+    }
+
+    /// Records a partition's watermarks; with nothing committed, the first call also fixes
+    /// where `reset` starts reading.
+    pub fn set_watermarks(&self, tp: &TopicPartition, generation: u64, low: i64, high: i64, reset: Reset) {
+        self.update(tp, generation, |s| {
+            s.low_watermark = Some(low);
+            s.high_watermark = Some(high);
+            if s.reset_origin.is_none() && s.group_committed == Some(None) {
+                s.reset_origin = Some(match reset {
+                    Reset::Earliest => low,
+                    Reset::Latest => high,
+                });
+            }
+        });
+    }
+
+    /// Partitions whose oldest unfinished record is unread: (partition, generation, offset).
+    pub fn heads_wanted(&self) -> Vec<(TopicPartition, u64, i64)> {
+        let mut out: Vec<_> = self
+            .lock()
+            .iter()
+            .filter_map(|(tp, s)| Some((tp.clone(), s.generation, s.head_wanted()?)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Records the timestamp of the first record at or after `offset` (the monitor read it).
+    pub fn set_head(&self, tp: &TopicPartition, generation: u64, offset: i64, timestamp_ms: Option<i64>) {
+        self.update(tp, generation, |s| s.head = Some((offset, timestamp_ms)));
     }
 
     /// The tracked (assigned) partitions.
@@ -267,7 +378,7 @@ impl OffsetTracker {
                 tp: tp.clone(),
                 next: s.next,
                 position: s.position(),
-                committed: s.committed,
+                committed: s.committed(),
                 pending: s.pending.len(),
                 high_watermark: s.high_watermark,
                 lag: s.lag(),
@@ -346,7 +457,7 @@ mod tests {
         t.assign(&[tp(0)]);
         let g = t.read(&tp(0), 10, Some(1_000));
         t.read(&tp(0), 11, Some(2_000));
-        t.set_high_watermark(&tp(0), 15);
+        t.set_watermarks(&tp(0), g, 0, 15, Reset::Earliest);
         let v = &t.snapshot()[0];
         assert_eq!(
             v.lag,
@@ -357,6 +468,125 @@ mod tests {
         t.finish(&tp(0), 10, g);
         t.committed(&[(tp(0), 11)]);
         assert_eq!(t.snapshot()[0].lag, Some(4));
+    }
+
+    /// Assigns partition 0 and records what the lag monitor fetched; returns the generation.
+    fn fetched(t: &OffsetTracker, committed: Option<i64>, low: i64, high: i64, reset: Reset) -> u64 {
+        t.assign(&[tp(0)]);
+        let (_, g) = t.refresh_targets()[0].clone();
+        t.set_group_committed(&tp(0), g, committed);
+        t.set_watermarks(&tp(0), g, low, high, reset);
+        g
+    }
+
+    #[test]
+    fn lag_is_unknown_until_the_committed_offset_was_fetched() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0)]);
+        assert!(t.needs_refresh());
+        let (_, g) = t.refresh_targets()[0].clone();
+        t.set_watermarks(&tp(0), g, 0, 100, Reset::Earliest);
+        assert_eq!(
+            t.snapshot()[0].lag,
+            None,
+            "not 0: nothing says the partition is caught up"
+        );
+        t.set_group_committed(&tp(0), g, None);
+        assert!(!t.needs_refresh());
+    }
+
+    #[test]
+    fn an_unread_partition_with_nothing_committed_lags_by_its_whole_backlog_with_earliest() {
+        let t = OffsetTracker::default();
+        fetched(&t, None, 100, 880, Reset::Earliest);
+        let v = &t.snapshot()[0];
+        assert_eq!(v.lag, Some(780));
+        assert_eq!(v.committed, None);
+    }
+
+    #[test]
+    fn an_unread_partition_with_nothing_committed_lags_by_what_arrived_since_assignment_with_latest() {
+        let t = OffsetTracker::default();
+        let g = fetched(&t, None, 0, 500, Reset::Latest);
+        assert_eq!(t.snapshot()[0].lag, Some(0));
+        t.set_watermarks(&tp(0), g, 0, 530, Reset::Latest);
+        assert_eq!(t.snapshot()[0].lag, Some(30), "records produced after the reset point");
+    }
+
+    #[test]
+    fn an_unread_partition_lags_from_the_groups_committed_offset() {
+        let t = OffsetTracker::default();
+        fetched(&t, Some(480), 0, 960, Reset::Earliest);
+        let v = &t.snapshot()[0];
+        assert_eq!(
+            v.committed,
+            Some(480),
+            "the group's offset shows before this member commits"
+        );
+        assert_eq!(v.lag, Some(480));
+        assert!(
+            t.positions_to_commit().is_empty(),
+            "a fetched offset is not committed again"
+        );
+    }
+
+    #[test]
+    fn own_commits_newer_than_the_last_fetch_count() {
+        let t = OffsetTracker::default();
+        let g = fetched(&t, Some(480), 0, 960, Reset::Earliest);
+        let rg = t.read(&tp(0), 480, None);
+        assert_eq!(rg, g);
+        t.finish(&tp(0), 480, rg);
+        t.committed(&t.positions_to_commit());
+        assert_eq!(t.snapshot()[0].committed, Some(481));
+        assert_eq!(t.snapshot()[0].lag, Some(479));
+    }
+
+    #[test]
+    fn a_committed_offset_before_the_partition_start_counts_from_the_start() {
+        let t = OffsetTracker::default();
+        fetched(&t, Some(10), 400, 1_000, Reset::Earliest);
+        assert_eq!(t.snapshot()[0].lag, Some(600), "records before 400 were deleted");
+    }
+
+    #[test]
+    fn a_late_fetch_for_a_previous_assignment_is_ignored() {
+        let t = OffsetTracker::default();
+        let old = fetched(&t, Some(5), 0, 10, Reset::Earliest);
+        t.revoke(&[tp(0)]);
+        t.assign(&[tp(0)]);
+        t.set_group_committed(&tp(0), old, Some(1));
+        assert!(t.needs_refresh(), "the new assignment still needs its own fetch");
+    }
+
+    #[test]
+    fn the_age_of_an_unread_backlog_is_the_age_of_its_first_record() {
+        let t = OffsetTracker::default();
+        let g = fetched(&t, Some(480), 0, 960, Reset::Earliest);
+        assert_eq!(t.heads_wanted(), vec![(tp(0), g, 480)]);
+        assert_eq!(t.snapshot()[0].lag_seconds, 0.0, "unknown until fetched");
+        t.set_head(&tp(0), g, 480, Some(1_000));
+        assert!(t.heads_wanted().is_empty());
+        assert!(t.snapshot()[0].lag_seconds > 1_000_000.0, "the record is from 1970");
+        // Once records are in flight, the oldest of them counts and no fetch is wanted.
+        let rg = t.read(&tp(0), 480, Some(2_000));
+        assert!(t.heads_wanted().is_empty());
+        t.finish(&tp(0), 480, rg);
+        t.committed(&t.positions_to_commit());
+        assert_eq!(
+            t.heads_wanted(),
+            vec![(tp(0), g, 481)],
+            "the backlog now starts further on"
+        );
+    }
+
+    #[test]
+    fn a_caught_up_partition_has_no_age() {
+        let t = OffsetTracker::default();
+        fetched(&t, Some(960), 0, 960, Reset::Earliest);
+        assert!(t.heads_wanted().is_empty());
+        assert_eq!(t.snapshot()[0].lag, Some(0));
+        assert_eq!(t.snapshot()[0].lag_seconds, 0.0);
     }
 
     #[test]

@@ -338,6 +338,43 @@ fn the_pod_reads_the_rendered_config_and_rolls_when_it_changes() {
 }
 
 #[test]
+fn the_member_is_static_by_default_with_the_pod_name_as_its_instance_id() {
+    let deployment = |args: &[&str]| {
+        let mut all = vec!["--show-only", "templates/deployment.yaml"];
+        all.extend_from_slice(args);
+        helm_template(&chart(), "kafka-sidecar", &all)
+    };
+    let env = "- name: KAFKA_SIDECAR_KAFKA__GROUP_INSTANCE_ID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name\n";
+    let rendered = deployment(&[]);
+    assert!(rendered.contains(env), "{env:?} not in:\n{rendered}");
+    // Off with the switch, and when the config names its own instance id (which then applies).
+    let off = deployment(&["--set", "sidecar.staticMembership=false"]);
+    assert!(!off.contains("KAFKA_SIDECAR_KAFKA__GROUP_INSTANCE_ID"), "{off}");
+    let own = deployment(&["--set", "sidecar.config.kafka.group_instance_id=fixed-1"]);
+    assert!(!own.contains("KAFKA_SIDECAR_KAFKA__GROUP_INSTANCE_ID"), "{own}");
+    // The sidecar reads the variable into kafka.group_instance_id.
+    let toml = config_toml(&render_configmap(&[]));
+    let out = {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, &toml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_kafka-sidecar"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .env("KAFKA_SIDECAR_KAFKA__GROUP_INSTANCE_ID", "my-app-7d9c5b6f4-x2x9q")
+            .output()
+            .expect("failed to run kafka-sidecar")
+    };
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        effective.contains(r#"group_instance_id = "my-app-7d9c5b6f4-x2x9q""#),
+        "{effective}"
+    );
+}
+
+#[test]
 fn an_invalid_config_value_is_caught() {
     // The check above is only worth something if check-config rejects what it should.
     let toml = config_toml(&render_configmap(&["--set", "sidecar.config.pipeline.workers=0"]));

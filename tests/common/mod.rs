@@ -1,6 +1,7 @@
 //! Test harness: the real broker, a real HTTP app on port 0, and the real sidecar binary.
 #![allow(dead_code)]
 
+pub mod kafka_server;
 pub mod redis_server;
 
 use std::collections::HashMap;
@@ -117,8 +118,13 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&brokers(), name, partitions).await
+}
+
+/// [`create_topic`] on another cluster (e.g. a [`kafka_server::TestKafka`]).
+pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -156,10 +162,16 @@ impl Out {
 
 /// Produces records (acks=all) and waits until all are acknowledged.
 pub async fn produce(topic: &str, records: Vec<Out>) {
+    produce_to(&brokers(), topic, records).await
+}
+
+/// [`produce`] to another cluster (e.g. a [`kafka_server::TestKafka`]).
+pub async fn produce_to(brokers: &str, topic: &str, records: Vec<Out>) {
     let topic = topic.to_string();
+    let brokers = brokers.to_string();
     tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &brokers)
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("enable.idempotence", "true")
@@ -207,8 +219,12 @@ pub async fn produce(topic: &str, records: Vec<Out>) {
 }
 
 fn consumer(group: &str) -> BaseConsumer {
+    consumer_on(&brokers(), group)
+}
+
+fn consumer_on(brokers: &str, group: &str) -> BaseConsumer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -217,7 +233,12 @@ fn consumer(group: &str) -> BaseConsumer {
 
 /// Committed offset per partition (-1 when none).
 pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let c = consumer(group);
+    committed_on(&brokers(), group, topic, partitions)
+}
+
+/// [`committed`] on another cluster.
+pub fn committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let c = consumer_on(brokers, group);
     let result = {
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -240,7 +261,12 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
 
 /// High watermark per partition.
 pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
-    let c = consumer("watermarks");
+    end_offsets_on(&brokers(), topic, partitions)
+}
+
+/// [`end_offsets`] on another cluster.
+pub fn end_offsets_on(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let c = consumer_on(brokers, "watermarks");
     (0..partitions)
         .map(|p| {
             c.fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -769,10 +795,21 @@ pub async fn wait_committed_to_end(
     partitions: i32,
     timeout: Duration,
 ) -> (Vec<i64>, Vec<i64>) {
-    let ends = end_offsets(topic, partitions);
+    wait_committed_to_end_on(&brokers(), group, topic, partitions, timeout).await
+}
+
+/// [`wait_committed_to_end`] on another cluster.
+pub async fn wait_committed_to_end_on(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> (Vec<i64>, Vec<i64>) {
+    let ends = end_offsets_on(brokers, topic, partitions);
     let mut last = vec![];
     wait_until(timeout, || {
-        last = committed(group, topic, partitions);
+        last = committed_on(brokers, group, topic, partitions);
         last == ends
     })
     .await;

@@ -167,6 +167,15 @@ data:
   env:
     - name: KAFKA_SIDECAR_CONFIG
       value: /etc/kafka-sidecar/config.toml
+    {{- $kafka := get ($v.config | default dict) "kafka" | default dict }}
+    {{- if and $v.staticMembership (not (get $kafka "group_instance_id")) }}
+    # Static membership: a restarted container rejoins as the same member and gets its
+    # partitions back at once, instead of after kafka.session_timeout.
+    - name: KAFKA_SIDECAR_KAFKA__GROUP_INSTANCE_ID
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    {{- end }}
     {{- range $v.secretEnv }}
     - name: {{ required "sidecar.secretEnv[].name is required" .name }}
       valueFrom:
