@@ -134,6 +134,7 @@ fn kafka_status(v: &ConnectivityView) -> serde_json::Value {
     json!({
         "connected": v.connected,
         "since": humantime::format_rfc3339_seconds(v.since).to_string(),
-        "error": v.error,
+        // librdkafka's text; scrubbed of every configured secret like the log.
+        "error": v.error.as_deref().map(|e| crate::config::redact::scrub(e).into_owned()),
     })
 }
