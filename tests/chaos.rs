@@ -19,12 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::kafka_server::TestKafka;
 use common::redis_server::TestRedis;
 use common::*;
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::client::ClientContext;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -156,7 +158,11 @@ impl Stream {
             .unwrap();
         let failed = self.acks.failed.lock().unwrap().clone();
         assert!(failed.is_empty(), "the stream failed to produce: {failed:?}");
-        assert_eq!(self.acks.acked.load(Ordering::Relaxed), sent, "every record acknowledged");
+        assert_eq!(
+            self.acks.acked.load(Ordering::Relaxed),
+            sent,
+            "every record acknowledged"
+        );
         sent
     }
 }
@@ -188,6 +194,18 @@ fn reader(bootstrap: &str, group: &str) -> BaseConsumer {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer")
+}
+
+async fn create_topic_at(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&[topic], &options).await.expect("create_topics") {
+        r.unwrap_or_else(|(t, e)| panic!("failed to create topic {t}: {e}"));
+    }
 }
 
 fn end_offsets_at(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
@@ -341,9 +359,9 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
     let mut delivered = HashSet::new();
     for r in app.delivered() {
         assert_eq!(r.topic, t.topic, "{}: a delivery from another topic", t.scenario);
-        let value = values.get(&r.id()).unwrap_or_else(|| {
-            panic!("{}: delivered {:?}, which is not in the topic", t.scenario, r.id())
-        });
+        let value = values
+            .get(&r.id())
+            .unwrap_or_else(|| panic!("{}: delivered {:?}, which is not in the topic", t.scenario, r.id()));
         assert_eq!(
             &r.value,
             value,
@@ -360,7 +378,12 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
     if let Some(dlq_topic) = t.dlq {
         for r in read_topic(&t.bootstrap, dlq_topic, 1) {
             let h = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
-            assert_eq!(h("x-dlq-source-topic"), t.topic, "{}: DLQ source topic: {r:?}", t.scenario);
+            assert_eq!(
+                h("x-dlq-source-topic"),
+                t.topic,
+                "{}: DLQ source topic: {r:?}",
+                t.scenario
+            );
             assert_eq!(h("x-dlq-consumer-group"), t.group, "{}: DLQ group: {r:?}", t.scenario);
             let id = (
                 h("x-dlq-source-partition").parse::<i32>().unwrap_or(-1),
@@ -376,7 +399,11 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
                 t.scenario
             );
             let class = h("x-dlq-error-class");
-            assert!(!class.is_empty(), "{}: DLQ record without an error class: {r:?}", t.scenario);
+            assert!(
+                !class.is_empty(),
+                "{}: DLQ record without an error class: {r:?}",
+                t.scenario
+            );
             dlq.push((String::from_utf8_lossy(value).into_owned(), class));
             dead.insert(id);
             *handled.entry(id).or_default() += 1;
@@ -385,7 +412,11 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
 
     let mut lost: Vec<_> = values.keys().filter(|id| !handled.contains_key(id)).copied().collect();
     lost.sort();
-    let mut duplicated: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).map(|(id, n)| (*id, *n)).collect();
+    let mut duplicated: Vec<_> = handled
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, n)| (*id, *n))
+        .collect();
     duplicated.sort();
     let tally = Tally {
         produced: values.len(),
@@ -441,7 +472,10 @@ fn dlq_section(cfg: &mut SidecarConfig) -> String {
 
 /// Adds lines to the `[kafka]` section of a config.
 fn with_kafka(toml: &str, lines: &str) -> String {
-    toml.replace("session_timeout = \"10s\"", &format!("session_timeout = \"10s\"\n{lines}"))
+    toml.replace(
+        "session_timeout = \"10s\"",
+        &format!("session_timeout = \"10s\"\n{lines}"),
+    )
 }
 
 /// Waits until the app received `n` more 2xx deliveries than `from`.
@@ -460,7 +494,11 @@ async fn terminate(sidecar: &mut Sidecar, name: &str) {
     sidecar.signal(Signal::SIGTERM);
     let status = sidecar.wait_exit(GRACE + Duration::from_secs(5)).await;
     let status = status.unwrap_or_else(|| panic!("{name} did not exit after SIGTERM\n{}", sidecar.log()));
-    assert!(status.success(), "{name} exits 0 after SIGTERM: {status:?}\n{}", sidecar.log());
+    assert!(
+        status.success(),
+        "{name} exits 0 after SIGTERM: {status:?}\n{}",
+        sidecar.log()
+    );
 }
 
 // ---- the scenarios ------------------------------------------------------------------------------
@@ -492,14 +530,24 @@ async fn chaos_sigkill_five_times_at_random_moments_loses_nothing() {
         // A random moment once the restarted process delivers again (else it is killed in its
         // start-up, which proves less).
         let before = app.delivered_count();
-        progress(&app, before, 1, &format!("before kill {kill} (seed {seed})"), &[&sidecar]).await;
+        progress(
+            &app,
+            before,
+            1,
+            &format!("before kill {kill} (seed {seed})"),
+            &[&sidecar],
+        )
+        .await;
         let wait = millis(&mut rng, 0..2_500);
         tokio::time::sleep(wait).await;
         moments.push(wait.as_millis());
         sidecar.kill9();
         sidecar = Sidecar::start_toml(&toml);
     }
-    assert!(stream.sent() < 20_000, "the kills must happen while records are produced");
+    assert!(
+        stream.sent() < 20_000,
+        "the kills must happen while records are produced"
+    );
     progress(&app, app.delivered_count(), 200, "after the last restart", &[&sidecar]).await;
     let produced = stream.finish().await;
 
@@ -560,11 +608,25 @@ async fn scale_one_three_one(scenario: &str, redis: Option<&mut TestRedis>) {
         redis.shutdown_nosave();
         tokio::time::sleep(millis(&mut rng, 1_000..3_000)).await;
         redis.restart();
-        progress(&app, app.delivered_count(), 800, "after the Redis restart", &[&a, &b, &c]).await;
+        progress(
+            &app,
+            app.delivered_count(),
+            800,
+            "after the Redis restart",
+            &[&a, &b, &c],
+        )
+        .await;
     }
     tokio::time::sleep(millis(&mut rng, 0..1_500)).await;
     terminate(&mut c, "the third member").await;
-    progress(&app, app.delivered_count(), 500, "after the third member left", &[&a, &b]).await;
+    progress(
+        &app,
+        app.delivered_count(),
+        500,
+        "after the third member left",
+        &[&a, &b],
+    )
+    .await;
     tokio::time::sleep(millis(&mut rng, 0..1_500)).await;
     terminate(&mut b, "the second member").await;
     progress(&app, app.delivered_count(), 500, "after the second member left", &[&a]).await;
@@ -617,9 +679,13 @@ async fn chaos_a_flapping_app_dead_letters_only_real_poison() {
     let topic = unique("chaos-flap");
     create_topic(&topic, 3).await;
     // 1 % of first attempts answer 500 (chosen by offset, so the same ones after a restart);
-    // poison is answered 422 whatever the attempt.
-    let mut app = TestApp::start(|r| {
-        if r.value.starts_with(b"poison") {
+    // poison is answered 422 whatever the attempt; during a 503 outage everything gets 503.
+    let unavailable = Arc::new(AtomicBool::new(false));
+    let down = unavailable.clone();
+    let mut app = TestApp::start(move |r| {
+        if down.load(Ordering::Relaxed) {
+            Answer::status(503)
+        } else if r.value.starts_with(b"poison") {
             Answer::status(422)
         } else if r.attempt <= 1 && (r.offset * 7 + r.partition as i64) % 100 == 3 {
             Answer::status(500)
@@ -634,16 +700,21 @@ async fn chaos_a_flapping_app_dead_letters_only_real_poison() {
     let stream = Stream::start(&brokers(), &topic, 500, 20_000, Some(997));
     let sidecar = Sidecar::start(&cfg);
 
+    // Two 5 s outages: one with connections refused (the app is down), one answering 503.
     let mut outages = Vec::new();
-    for _ in 0..2 {
+    for refused in [true, false] {
         progress(&app, app.delivered_count(), 300, "while the app is up", &[&sidecar]).await;
         tokio::time::sleep(millis(&mut rng, 0..2_000)).await;
-        // 5 s outage: connections refused.
-        app.stop();
-        let at = stream.sent();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        outages.push(at);
-        app = app.restart().await;
+        outages.push(stream.sent());
+        if refused {
+            app.stop();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            app = app.restart().await;
+        } else {
+            unavailable.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            unavailable.store(false, Ordering::Relaxed);
+        }
     }
     progress(&app, app.delivered_count(), 300, "after the last outage", &[&sidecar]).await;
     assert!(stream.sent() < 20_000, "records must be produced throughout");
@@ -659,7 +730,7 @@ async fn chaos_a_flapping_app_dead_letters_only_real_poison() {
         dlq: Some(&dlq),
     };
     let tally = check(&t, &app).await;
-    eprintln!("outages began after record {outages:?}");
+    eprintln!("outages began after record {outages:?} was produced");
     assert_eq!(tally.produced, produced);
     assert_nothing_lost(&t, &tally);
     let poison = (0..produced).filter(|i| i % 997 == 996).count();
@@ -676,11 +747,7 @@ async fn chaos_a_flapping_app_dead_letters_only_real_poison() {
         "poison is dead-lettered as http_422: {:?}",
         tally.dlq
     );
-    let first_500s = app
-        .requests()
-        .iter()
-        .filter(|r| r.status == 500)
-        .count();
+    let first_500s = app.requests().iter().filter(|r| r.status == 500).count();
     assert!(first_500s > 0, "some first attempts were answered 500");
 }
 
@@ -737,4 +804,75 @@ async fn chaos_sigterm_at_peak_throughput_exits_zero_and_duplicates_nothing() {
     assert_nothing_lost(&t, &tally);
     assert_no_duplicates(&t, &tally);
     assert_eq!(tally.dead_lettered, 0, "nothing is poison: {:?}", tally.dlq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_a_15s_broker_outage_loses_nothing_and_the_sidecar_recovers_without_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    // A broker of this test's own, to stop and start.
+    let mut kafka = tokio::task::block_in_place(TestKafka::start);
+    let bootstrap = kafka.bootstrap();
+    let topic = unique("chaos-outage");
+    create_topic_at(&bootstrap, &topic, 3).await;
+    let app = TestApp::start(|_| Answer {
+        delay: Duration::from_millis(2),
+        ..Answer::ok()
+    })
+    .await;
+    let mut cfg = SidecarConfig::new(&topic, &app);
+    let dlq = dlq_section(&mut cfg);
+    create_topic_at(&bootstrap, &dlq, 1).await;
+    let toml = cfg.toml().replace(
+        &format!("brokers = \"{}\"", brokers()),
+        &format!("brokers = \"{bootstrap}\""),
+    );
+    assert!(toml.contains(&bootstrap), "the sidecar uses the test broker");
+    let stream = Stream::start(&bootstrap, &topic, 300, 20_000, None);
+    let mut sidecar = Sidecar::start_toml(&toml);
+    progress(&app, 0, 500, "before the outage", &[&sidecar]).await;
+    tokio::time::sleep(millis(&mut rng, 0..2_000)).await;
+
+    kafka.stop();
+    let stopped_at = app.delivered_count();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Records read before the outage may finish during it; nothing new can be read.
+    let during = app.delivered_count() - stopped_at;
+    let restarting = Instant::now();
+    tokio::task::block_in_place(|| kafka.restart());
+    let restart_took = restarting.elapsed();
+    let restarted_at = app.delivered_count();
+    progress(&app, restarted_at, 1_000, "after the broker came back", &[&sidecar]).await;
+    let recovered_after = restarting.elapsed();
+    assert!(
+        sidecar.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "the sidecar keeps running through the outage\n{}",
+        sidecar.log()
+    );
+    assert!(stream.sent() < 20_000, "records must be produced throughout");
+    let produced = stream.finish().await;
+
+    let t = Target {
+        scenario: "broker outage 15s",
+        seed,
+        bootstrap: bootstrap.clone(),
+        topic: &topic,
+        partitions: 3,
+        group: &cfg.group,
+        dlq: Some(&dlq),
+    };
+    let tally = check(&t, &app).await;
+    eprintln!(
+        "{during} deliveries during the outage; the broker restarted in {restart_took:?}; \
+         1,000 more deliveries {recovered_after:?} after the restart began"
+    );
+    assert_eq!(tally.produced, produced);
+    assert_nothing_lost(&t, &tally);
+    assert_eq!(tally.dead_lettered, 0, "nothing is poison: {:?}", tally.dlq);
+    assert!(
+        sidecar.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "the sidecar is still the same process\n{}",
+        sidecar.log()
+    );
 }

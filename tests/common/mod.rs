@@ -1,6 +1,7 @@
 //! Test harness: the real broker, a real HTTP app on port 0, and the real sidecar binary.
 #![allow(dead_code)]
 
+pub mod kafka_server;
 pub mod redis_server;
 
 use std::collections::HashMap;
