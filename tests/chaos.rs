@@ -765,29 +765,35 @@ async fn chaos_sigterm_at_peak_throughput_exits_zero_and_duplicates_nothing() {
     let dlq = dlq_section(&mut cfg);
     create_topic(&dlq, 1).await;
     // A backlog, so the sidecar runs flat out, and records keep coming while it does.
+    const BACKLOG: usize = 15_000;
     produce(
         &topic,
-        (0..10_000)
+        (0..BACKLOG)
             .map(|i| Out::keyed(format!("k{}", i % 40), format!("backlog{i}")))
             .collect(),
     )
     .await;
     let stream = Stream::start(&brokers(), &topic, 300, 20_000, None);
     let mut sidecar = Sidecar::start(&cfg);
-    progress(&app, 0, 2_000, "before SIGTERM", &[&sidecar]).await;
-    tokio::time::sleep(millis(&mut rng, 0..500)).await;
+    progress(&app, 0, 1_000, "before SIGTERM", &[&sidecar]).await;
+    tokio::time::sleep(millis(&mut rng, 0..300)).await;
     let at = app.delivered_count();
     sidecar.signal(Signal::SIGTERM);
     let signalled = Instant::now();
+    let last_second = app
+        .delivered()
+        .iter()
+        .filter(|r| signalled.duration_since(r.at) <= Duration::from_secs(1))
+        .count();
     let status = sidecar.wait_exit(GRACE).await;
     let status = status.unwrap_or_else(|| panic!("no exit within the grace period {GRACE:?}\n{}", sidecar.log()));
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}\n{}", sidecar.log());
     let took = signalled.elapsed();
-    assert!(at < 10_000, "SIGTERM must come while the backlog is worked through");
+    assert!(at < BACKLOG, "SIGTERM must come while the backlog is worked through");
 
     let restarted = Sidecar::start(&cfg);
     progress(&app, app.delivered_count(), 500, "after the restart", &[&restarted]).await;
-    let produced = stream.finish().await + 10_000;
+    let produced = stream.finish().await + BACKLOG;
 
     let t = Target {
         scenario: "sigterm at peak",
@@ -799,7 +805,7 @@ async fn chaos_sigterm_at_peak_throughput_exits_zero_and_duplicates_nothing() {
         dlq: Some(&dlq),
     };
     let tally = check(&t, &app).await;
-    eprintln!("SIGTERM after {at} deliveries; exited after {took:?}");
+    eprintln!("SIGTERM after {at} deliveries ({last_second} in the second before it); exited after {took:?}");
     assert_eq!(tally.produced, produced);
     assert_nothing_lost(&t, &tally);
     assert_no_duplicates(&t, &tally);
