@@ -56,20 +56,26 @@ fn millis(rng: &mut StdRng, range: std::ops::Range<u64>) -> Duration {
 
 // ---- the producer -------------------------------------------------------------------------------
 
-/// Delivery reports of the stream's producer.
+/// Delivery reports of the stream's producer, counted.
 #[derive(Default)]
-struct Acks {
+struct AckCounts {
     acked: AtomicUsize,
     failed: Mutex<Vec<String>>,
 }
 
-impl Acks {
-    fn delivery(&self, result: &DeliveryResult<'_>) {
+/// The producer's context: it counts delivery reports where the stream can read them.
+struct Acks(Arc<AckCounts>);
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
             Ok(_) => {
-                self.acked.fetch_add(1, Ordering::Relaxed);
+                self.0.acked.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, _)) => self.failed.lock().unwrap().push(e.to_string()),
+            Err((e, _)) => self.0.failed.lock().unwrap().push(e.to_string()),
         }
     }
 }
@@ -80,20 +86,20 @@ impl Acks {
 struct Stream {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicUsize>,
-    acks: Arc<Acks>,
+    acks: Arc<AckCounts>,
     thread: Option<std::thread::JoinHandle<usize>>,
 }
 
 impl Stream {
     fn start(bootstrap: &str, topic: &str, rate: u64, max: usize, poison_every: Option<usize>) -> Stream {
-        let acks = Arc::new(Acks::default());
-        let producer: BaseProducer<AcksRef> = ClientConfig::new()
+        let acks = Arc::new(AckCounts::default());
+        let producer: BaseProducer<Acks> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "300000")
-            .create_with_context(AcksRef(acks.clone()))
+            .create_with_context(Acks(acks.clone()))
             .expect("stream producer");
         let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
         let (topic, s, n) = (topic.to_string(), stop.clone(), sent.clone());
@@ -170,18 +176,6 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Hands the producer its context while the stream keeps a handle on the counts.
-struct AcksRef(Arc<Acks>);
-
-impl ClientContext for AcksRef {}
-
-impl ProducerContext for AcksRef {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        self.0.delivery(result)
     }
 }
 
