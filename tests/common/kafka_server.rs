@@ -83,7 +83,11 @@ impl TestKafka {
         while Instant::now() < deadline && !ports_free(&[self.port, self.controller_port]) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(self.spawn(), "the test Kafka broker did not restart on port {}", self.port);
+        assert!(
+            self.spawn(),
+            "the test Kafka broker did not restart on port {}",
+            self.port
+        );
     }
 
     /// Whether the broker process is running.
@@ -139,7 +143,8 @@ impl TestKafka {
     }
 
     fn java(&self) -> Command {
-        let java = std::env::var("JAVA_HOME").map_or_else(|_| PathBuf::from("java"), |h| Path::new(&h).join("bin/java"));
+        let java =
+            std::env::var("JAVA_HOME").map_or_else(|_| PathBuf::from("java"), |h| Path::new(&h).join("bin/java"));
         let mut cmd = Command::new(java);
         cmd.arg(format!(
             "-Dlog4j2.configurationFile={}",
@@ -154,7 +159,13 @@ impl TestKafka {
         let cluster_id = random_cluster_id();
         let out = self
             .java()
-            .args(["-Xmx256m", "-XX:TieredStopAtLevel=1", "kafka.tools.StorageTool", "format", "-t"])
+            .args([
+                "-Xmx256m",
+                "-XX:TieredStopAtLevel=1",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+            ])
             .arg(&cluster_id)
             .arg("-c")
             .arg(self.properties())
@@ -178,7 +189,13 @@ impl TestKafka {
             .expect("open the broker log");
         let mut child = self
             .java()
-            .args(["-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true", "kafka.Kafka"])
+            .args([
+                "-Xms128m",
+                "-Xmx512m",
+                "-XX:+UseSerialGC",
+                "-Djava.awt.headless=true",
+                "kafka.Kafka",
+            ])
             .arg(self.properties())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -189,7 +206,11 @@ impl TestKafka {
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
-                eprintln!("test Kafka broker on port {} exited ({status}):\n{}", self.port, self.log());
+                eprintln!(
+                    "test Kafka broker on port {} exited ({status}):\n{}",
+                    self.port,
+                    self.log()
+                );
                 return false;
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && answers_metadata(&self.bootstrap()) {
@@ -200,7 +221,11 @@ impl TestKafka {
         }
         let _ = child.kill();
         let _ = child.wait();
-        eprintln!("test Kafka broker on port {} not ready in {READY_TIMEOUT:?}:\n{}", self.port, self.log());
+        eprintln!(
+            "test Kafka broker on port {} not ready in {READY_TIMEOUT:?}:\n{}",
+            self.port,
+            self.log()
+        );
         false
     }
 }
