@@ -50,11 +50,20 @@ step "environment (scripts/env.sh up)"
 bash scripts/env.sh up
 
 CARGO_TEST=(cargo test --release --locked)
+# The chaos suite (tests/chaos.rs) appends one line per scenario here; printed at the end.
+export KAFKA_SIDECAR_CHAOS_REPORT="$CACHE/chaos-report.txt"
+: >"$KAFKA_SIDECAR_CHAOS_REPORT"
+chaos_report() {
+  [[ -s $KAFKA_SIDECAR_CHAOS_REPORT ]] || return 0
+  step "chaos suite (per scenario: records produced, delivered, dead-lettered, lost, duplicates)"
+  sed 's/^/  /' "$KAFKA_SIDECAR_CHAOS_REPORT"
+}
 if [[ "${1:-}" == "--" ]]; then
   shift
   "${CARGO_TEST[@]}" --no-run
   tools_ready
   "${CARGO_TEST[@]}" -- --test-threads=2 "$@"
+  chaos_report
   exit
 fi
 
@@ -68,6 +77,7 @@ tools_ready
 step "cargo test --release (unit + integration against 127.0.0.1:9092)"
 # Two at a time: the machines are small and the tests share one broker.
 "${CARGO_TEST[@]}" -- --test-threads=2
+chaos_report
 step "packaging checks"
 bash scripts/check-packaging.sh
 step "all tests passed"
