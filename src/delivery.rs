@@ -360,7 +360,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Size of headers as sent in HTTP/1.1: `name: value\r\n` each.
 fn header_bytes(h: &HeaderMap) -> usize {
-    h.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum()
+    h.iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
 }
 
 /// The per-record statuses of a batch answer; `None` for anything but a `results` array of
@@ -489,14 +491,21 @@ mod tests {
         let big_key = record(Some(vec![b'k'; 10 * 1024]), vec![]);
         let error = app.refusal(&[outgoing(&big_key, &no_trace)]).expect("refused");
         assert_eq!(error.class, HEADERS_TOO_LARGE);
-        assert!(error.message.contains("app.max_header_bytes (8192)"), "{}", error.message);
+        assert!(
+            error.message.contains("app.max_header_bytes (8192)"),
+            "{}",
+            error.message
+        );
         let many_headers: Vec<_> = (0..1000)
             .map(|i| (Bytes::from(format!("h{i}")), Some(Bytes::from_static(b"v"))))
             .collect();
         let many = record(None, many_headers);
         assert!(app.refusal(&[outgoing(&many, &no_trace)]).is_some());
         let batch = client(DeliveryMode::Batch, "g");
-        assert!(batch.refusal(&[outgoing(&big_key, &no_trace)]).is_none(), "batch carries it in the body");
+        assert!(
+            batch.refusal(&[outgoing(&big_key, &no_trace)]).is_none(),
+            "batch carries it in the body"
+        );
     }
 
     #[test]

@@ -64,11 +64,7 @@ fn cases() -> Vec<Case> {
             "header values not UTF-8, empty and null",
             Some(b"k1"),
             Some(b"v1"),
-            vec![
-                h(b"bin", Some(&garbage(64))),
-                h(b"empty", Some(b"")),
-                h(b"null", None),
-            ],
+            vec![h(b"bin", Some(&garbage(64))), h(b"empty", Some(b"")), h(b"null", None)],
         ),
         case(
             "empty header names",
@@ -257,4 +253,55 @@ fn assert_dead_letter_is_lossless(c: &Case, d: &Read) {
         d.raw_headers[n..].iter().all(|(name, _)| name.starts_with(b"x-dlq-")),
         "only x-dlq-* headers are added"
     );
+}
+
+/// Without a DLQ a record too large for single mode is not dropped: it holds its own lane
+/// (its offset is not committed) while other keys keep flowing, and the sidecar says why once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_a_record_too_large_for_single_mode_holds_only_its_lane() {
+    require_kafka();
+    let topic = unique("hostile-no-dlq");
+    create_topic(&topic, 1).await;
+    let mut records = vec![RawOut {
+        key: Some(garbage(10 * 1024)),
+        value: Some(b"too large".to_vec()),
+        headers: vec![],
+    }];
+    records.extend((1..=5).map(|i| RawOut {
+        key: Some(format!("k{i}").into_bytes()),
+        value: Some(format!("v{i}").into_bytes()),
+        headers: vec![],
+    }));
+    produce_raw(&topic, records).await;
+
+    let app = TestApp::start(|_| Answer::ok()).await;
+    let cfg = SidecarConfig::new(&topic, &app);
+    let mut sidecar = Sidecar::start(&cfg);
+    assert!(
+        wait_until(Duration::from_secs(60), || app.delivered_count() == 5).await,
+        "the other keys were not delivered"
+    );
+    assert!(
+        app.delivered().iter().all(|r| r.offset != 0),
+        "the large record was sent"
+    );
+    // Several commit intervals: the offset must stay at the held record.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        committed(&cfg.group, &topic, 1),
+        vec![0],
+        "the held record was committed past"
+    );
+    assert!(
+        sidecar.wait_exit(Duration::from_millis(100)).await.is_none(),
+        "the sidecar exited"
+    );
+    let log = sidecar.log();
+    assert_eq!(
+        log.matches("record cannot be sent and no dead-letter topic is configured")
+            .count(),
+        1,
+        "said once why the record is held:\n{log}"
+    );
+    assert!(log.contains("headers_too_large"), "{log}");
 }

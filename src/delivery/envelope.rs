@@ -137,7 +137,10 @@ mod tests {
                 ),
                 ("héader".into(), None),
                 ("bin".into(), Some(Bytes::from_static(&[1, 2, 3]))),
-                (Bytes::from_static(b"\xff\xfe"), Some(Bytes::from_static(b"not utf-8 name"))),
+                (
+                    Bytes::from_static(b"\xff\xfe"),
+                    Some(Bytes::from_static(b"not utf-8 name")),
+                ),
                 (Bytes::new(), Some(Bytes::new())),
             ],
             generation: 1,

@@ -72,9 +72,10 @@ pub fn owned_to_vec(headers: &OwnedHeaders) -> Vec<RawHeader> {
 /// Appends a header with a name of any bytes (lossless, unlike `OwnedHeaders::insert`).
 pub fn add(headers: OwnedHeaders, name: &[u8], value: Option<&[u8]>) -> OwnedHeaders {
     let hdrs = native_ptr(headers.as_borrowed()).cast_mut();
-    // A non-null pointer for an empty value: null would make it a null header.
+    // An empty value needs a valid pointer: null would make it a null header, and memcpy
+    // wants a valid pointer even for 0 bytes (an empty slice's may dangle).
     let (value_ptr, value_len) = match value {
-        Some(v) if v.is_empty() => (b"".as_ptr(), 0),
+        Some([]) => (b"".as_ptr(), 0),
         Some(v) => (v.as_ptr(), v.len()),
         None => (std::ptr::null(), 0),
     };

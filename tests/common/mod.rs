@@ -194,7 +194,15 @@ pub async fn produce_raw(topic: &str, records: Vec<RawOut>) -> Vec<Result<(), St
             }
             producer.send(rec).map_err(|(e, _)| e).expect("enqueue");
             producer.flush(Duration::from_secs(60)).expect("flush");
-            results.push(producer.context().last.lock().unwrap().take().expect("a delivery report"));
+            results.push(
+                producer
+                    .context()
+                    .last
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .expect("a delivery report"),
+            );
         }
         results
     })
@@ -587,8 +595,7 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         record_headers: headers
             .get("x-kafka-headers")
             .map(|v| {
-                let json: serde_json::Value =
-                    serde_json::from_slice(v.as_bytes()).expect("X-Kafka-Headers is JSON");
+                let json: serde_json::Value = serde_json::from_slice(v.as_bytes()).expect("X-Kafka-Headers is JSON");
                 decode_json_headers(&json)
             })
             .unwrap_or_default(),
