@@ -161,6 +161,19 @@ proptest! {
         }
     }
 
+    /// The cheap size bound that spares most records a second build of their headers is
+    /// never below the real size (else a record over the limit could be sent).
+    #[test]
+    fn the_header_size_bound_is_never_below_the_real_size(
+        r in record(), source in key_source(), trace in trace(), attempt in any::<u32>(),
+    ) {
+        let key = derive_key(&source, &r).key;
+        let out = Outgoing { record: &r, trace: &trace, idempotency_key: &key };
+        let client = single_client();
+        let real = header_bytes(&client.single_headers(&out, attempt));
+        prop_assert!(client.single_headers_bound(&out) >= real, "bound below {real}");
+    }
+
     /// Batch mode: the envelope parses with serde_json (as the documented types and as plain
     /// JSON) and every field decodes back to the record's exact bytes; the hand-written body
     /// is byte for byte what serde_json makes of the documented types.
