@@ -160,6 +160,11 @@ pub struct AppConfig {
     /// Extra HTTP headers sent with every request (e.g. an auth token).
     #[serde(deserialize_with = "scalar_map")]
     pub headers: BTreeMap<String, String>,
+    /// Single mode: the most bytes of metadata headers one record may need (`X-Kafka-Key`,
+    /// `X-Kafka-Headers`, ... counted as `name: value\r\n`). A record over it is not sent:
+    /// it is dead-lettered with error class `headers_too_large`. Proxies and servers reject
+    /// large headers (nginx: 431 over 8KiB); batch mode carries metadata in the body instead.
+    pub max_header_bytes: ByteSize,
 }
 
 impl Default for AppConfig {
@@ -171,6 +176,7 @@ impl Default for AppConfig {
             connect_timeout: Duration::from_secs(2),
             health_url: String::new(),
             headers: BTreeMap::new(),
+            max_header_bytes: ByteSize::kib(8),
         }
     }
 }
@@ -461,6 +467,9 @@ impl Config {
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 bad(&format!("app.headers.{name}"), "is not a valid HTTP header name");
             }
+        }
+        if self.app.max_header_bytes.as_u64() < 1024 {
+            bad("app.max_header_bytes", "must be at least 1KiB");
         }
         let p = &self.pipeline;
         if p.workers == 0 {

@@ -5,6 +5,12 @@
 //! - single mode: `POST app.url`, body = record value, metadata in `X-Kafka-*` headers;
 //! - batch mode: `POST app.url`, JSON envelope `{"records": [...]}`; the app may answer
 //!   `{"results": [{"status": 200}, ...]}` (same order) to settle records one by one.
+//!
+//! Every record travels losslessly: keys, values and header values as base64, header names
+//! as JSON strings when they are UTF-8 and as `name_base64` when they are not. In single
+//! mode a record whose metadata headers would exceed `app.max_header_bytes` is not sent at
+//! all ([`AppClient::refusal`]): proxies and servers reject large headers (nginx answers 431
+//! above 8 KiB), and retrying could never help.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AppConfig, DeliveryMode};
 use crate::record::Record;
-use crate::retry::{parse_retry_after, Transport};
+use crate::retry::{parse_retry_after, ErrorInfo, Transport};
 
 mod envelope;
 
@@ -60,16 +66,57 @@ pub struct AppClient {
     client: reqwest::Client,
     url: reqwest::Url,
     mode: DeliveryMode,
-    group: String,
-    /// `group` as a header value, built once (None if it is not a valid header value).
+    /// The consumer group as a header value, built once (None if it is not a valid header
+    /// value: the header is then left out rather than failing every request).
     group_header: Option<HeaderValue>,
+    /// `app.max_header_bytes`: the most bytes of per-record metadata headers in single mode.
+    max_header_bytes: usize,
 }
 
-/// One record header in the JSON encodings: the value is base64, or null.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// Error class of a record whose single-mode metadata headers exceed `app.max_header_bytes`.
+pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
+
+/// One record header in the JSON encodings (`X-Kafka-Headers`, the batch envelope).
+///
+/// The name is in `name` when it is valid UTF-8, else in `name_base64` (base64 of its
+/// bytes); exactly one of the two is present. The value is base64, or null.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JsonHeader {
-    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name_base64: Option<String>,
     pub value: Option<String>,
+}
+
+impl JsonHeader {
+    /// The JSON form of one record header.
+    pub fn new(name: &[u8], value: Option<&[u8]>) -> Self {
+        let (name, name_base64) = match std::str::from_utf8(name) {
+            Ok(s) => (Some(s.to_string()), None),
+            Err(_) => (None, Some(B64.encode(name))),
+        };
+        Self {
+            name,
+            name_base64,
+            value: value.map(|v| B64.encode(v)),
+        }
+    }
+
+    /// The header's name and value as bytes; `None` if the JSON is not a valid header
+    /// (no name or both forms, or base64 that does not decode).
+    pub fn decode(&self) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        let name = match (&self.name, &self.name_base64) {
+            (Some(name), None) => name.as_bytes().to_vec(),
+            (None, Some(b64)) => B64.decode(b64).ok()?,
+            _ => return None,
+        };
+        let value = match &self.value {
+            Some(v) => Some(B64.decode(v).ok()?),
+            None => None,
+        };
+        Some((name, value))
+    }
 }
 
 /// One record in the batch envelope.
@@ -111,6 +158,13 @@ struct BatchResult {
 
 impl AppClient {
     pub fn new(cfg: &AppConfig, group: &str) -> anyhow::Result<Self> {
+        let group_header = HeaderValue::from_str(group).ok();
+        if group_header.is_none() {
+            tracing::warn!(
+                "the consumer group name is not a valid HTTP header value (it has non-ASCII or \
+                 control characters); requests are sent without X-Kafka-Consumer-Group"
+            );
+        }
         let mut default_headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
             default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
@@ -126,8 +180,8 @@ impl AppClient {
             client,
             url: cfg.url.parse()?,
             mode: cfg.mode,
-            group: group.to_string(),
-            group_header: HeaderValue::from_str(group).ok(),
+            group_header,
+            max_header_bytes: usize::try_from(cfg.max_header_bytes.as_u64()).unwrap_or(usize::MAX),
         })
     }
 
@@ -196,7 +250,66 @@ impl AppClient {
         false
     }
 
+    /// Why these records cannot be sent at all, if so: in single mode, metadata headers
+    /// over `app.max_header_bytes` (class [`HEADERS_TOO_LARGE`]). Batch mode carries all
+    /// metadata in the body, so it never refuses.
+    pub fn refusal(&self, records: &[Outgoing<'_>]) -> Option<ErrorInfo> {
+        if self.mode != DeliveryMode::Single {
+            return None;
+        }
+        let out = records.first()?;
+        if self.single_headers_bound(out) <= self.max_header_bytes {
+            return None;
+        }
+        // Measured with the longest attempt number, so retries cannot change the decision.
+        let size = header_bytes(&self.single_headers(out, u32::MAX));
+        (size > self.max_header_bytes).then(|| {
+            ErrorInfo::new(
+                HEADERS_TOO_LARGE,
+                format!(
+                    "the record's metadata headers (X-Kafka-Key, X-Kafka-Headers, ...) take {size} bytes, \
+                     over app.max_header_bytes ({}); use app.mode = \"batch\" (metadata in the body) \
+                     or raise the limit if the app and every proxy before it accept larger headers",
+                    self.max_header_bytes
+                ),
+            )
+        })
+    }
+
+    /// At least the [`header_bytes`] of [`Self::single_headers`], without building them:
+    /// almost every record is far below the limit and is then built only once.
+    fn single_headers_bound(&self, out: &Outgoing<'_>) -> usize {
+        // Header names, separators, numbers (at most 20 digits each) and the content type.
+        const FIXED: usize = 512;
+        let r = out.record;
+        let b64 = |n: usize| n.div_ceil(3) * 4;
+        let key = r.key.as_ref().map_or(0, |k| b64(k.len()));
+        // JSON escaping at most sextuples a name (`\u00XX` per byte), base64 is less; a
+        // header's punctuation and field names take under 40 bytes.
+        let json: usize = r
+            .headers
+            .iter()
+            .map(|(name, value)| 6 * name.len() + value.as_ref().map_or(4, |v| b64(v.len())) + 40)
+            .sum();
+        let trace: usize = PASSTHROUGH
+            .iter()
+            .map(|name| {
+                let span = out.trace.get(*name).map_or(0, String::len);
+                span.max(r.header_str(name).map_or(0, str::len))
+            })
+            .sum();
+        let group = self.group_header.as_ref().map_or(0, HeaderValue::len);
+        FIXED + r.topic.len() + group + out.idempotency_key.len() + key + 2 + json + trace
+    }
+
     fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
+        let h = self.single_headers(out, attempt);
+        let body = out.record.value.clone().unwrap_or_default();
+        self.client.post(self.url.clone()).headers(h).body(body)
+    }
+
+    /// The headers of a single-mode request (`app.headers` are added by the client).
+    pub fn single_headers(&self, out: &Outgoing<'_>, attempt: u32) -> HeaderMap {
         let r = out.record;
         // Numbers and the group go in without a String in between: this runs once per record.
         let mut h = HeaderMap::with_capacity(16);
@@ -212,8 +325,11 @@ impl AppClient {
         if let Some(ts) = r.timestamp_ms {
             h.insert(headers::TIMESTAMP, HeaderValue::from(ts));
         }
+        // Only visible ASCII: `http` also accepts bytes 0x80-0xff (obs-text), which many
+        // servers reject. Every value below is ASCII by construction except a trace context
+        // copied from the record, which is then left out (X-Kafka-Headers still carries it).
         let mut put = |name: &'static str, value: &str| {
-            if let Ok(v) = HeaderValue::from_str(value) {
+            if let Some(v) = HeaderValue::from_str(value).ok().filter(|v| v.to_str().is_ok()) {
                 h.insert(name, v);
             }
         };
@@ -233,16 +349,19 @@ impl AppClient {
             }
         }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let body = r.value.clone().unwrap_or_default();
-        self.client.post(self.url.clone()).headers(h).body(body)
+        h
     }
 
     fn batch_request(&self, records: &[Outgoing<'_>], attempt: u32) -> reqwest::RequestBuilder {
+        let mut h = HeaderMap::with_capacity(3);
+        if let Some(group) = &self.group_header {
+            h.insert(headers::GROUP, group.clone());
+        }
+        h.insert(headers::ATTEMPT, HeaderValue::from(attempt));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         self.client
             .post(self.url.clone())
-            .header(headers::GROUP, &self.group)
-            .header(headers::ATTEMPT, attempt.to_string())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .headers(h)
             .body(envelope::batch_body(records, attempt))
     }
 }
@@ -279,7 +398,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-fn parse_results(body: &[u8], expected: usize) -> Option<Vec<u16>> {
+/// Size of headers as sent in HTTP/1.1: `name: value\r\n` each.
+fn header_bytes(h: &HeaderMap) -> usize {
+    h.iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// The per-record statuses of a batch answer; `None` for anything but a `results` array of
+/// the right length (then the HTTP status applies to every record). Total on any bytes.
+pub fn parse_results(body: &[u8], expected: usize) -> Option<Vec<u16>> {
     let parsed: BatchResults = serde_json::from_slice(body).ok()?;
     if parsed.results.len() != expected {
         tracing::warn!(
@@ -296,19 +424,17 @@ fn parse_results(body: &[u8], expected: usize) -> Option<Vec<u16>> {
 pub fn json_headers(r: &Record) -> Vec<JsonHeader> {
     r.headers
         .iter()
-        .map(|(name, value)| JsonHeader {
-            name: name.clone(),
-            value: value.as_ref().map(|v| B64.encode(v)),
-        })
+        .map(|(name, value)| JsonHeader::new(name, value.as_deref()))
         .collect()
 }
 
-/// JSON with every non-ASCII character escaped, so it is a valid HTTP header value.
+/// JSON with every character that is not visible ASCII escaped (non-ASCII and DEL; serde_json
+/// already escapes control characters), so it is a valid HTTP header value.
 fn ascii_json<T: Serialize>(v: &T) -> String {
     let json = serde_json::to_string(v).unwrap_or_default();
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        if c.is_ascii() {
+        if c.is_ascii() && c != '\u{7f}' {
             out.push(c);
         } else {
             let mut buf = [0u16; 2];
@@ -321,25 +447,127 @@ fn ascii_json<T: Serialize>(v: &T) -> String {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
     use super::*;
+
+    fn client(mode: DeliveryMode, group: &str) -> AppClient {
+        let cfg = AppConfig {
+            url: "http://127.0.0.1:9/records".into(),
+            mode,
+            ..AppConfig::default()
+        };
+        AppClient::new(&cfg, group).unwrap()
+    }
+
+    fn record(key: Option<Vec<u8>>, headers: Vec<(Bytes, Option<Bytes>)>) -> Record {
+        Record {
+            topic: Arc::from("orders"),
+            partition: 1,
+            offset: 7,
+            timestamp_ms: None,
+            key: key.map(Bytes::from),
+            value: Some(Bytes::from_static(b"v")),
+            headers,
+            generation: 1,
+        }
+    }
+
+    fn outgoing<'a>(r: &'a Record, trace: &'a HashMap<String, String>) -> Outgoing<'a> {
+        Outgoing {
+            record: r,
+            trace,
+            idempotency_key: "orders/1/7",
+        }
+    }
 
     #[test]
     fn header_json_is_ascii_and_round_trips() {
         let hs = vec![
-            JsonHeader {
-                name: "héader".into(),
-                value: Some(B64.encode([0u8, 255])),
-            },
-            JsonHeader {
-                name: "empty".into(),
-                value: None,
-            },
+            JsonHeader::new("héader".as_bytes(), Some(&[0, 255])),
+            JsonHeader::new(b"empty", None),
+            JsonHeader::new(b"del\x7f\r\n", Some(b"")),
+            JsonHeader::new(b"\xff\xfe", Some(b"v")),
         ];
         let s = ascii_json(&hs);
-        assert!(s.is_ascii(), "{s}");
+        assert!(HeaderValue::from_str(&s).is_ok(), "not a valid header value: {s}");
         let back: Vec<JsonHeader> = serde_json::from_str(&s).unwrap();
         assert_eq!(back, hs);
+    }
+
+    #[test]
+    fn a_header_name_that_is_not_utf8_travels_as_name_base64() {
+        let h = JsonHeader::new(b"\xff\xfe", Some(b"v"));
+        assert_eq!(
+            serde_json::to_string(&h).unwrap(),
+            r#"{"name_base64":"//4=","value":"dg=="}"#
+        );
+        assert_eq!(h.decode(), Some((vec![0xff, 0xfe], Some(b"v".to_vec()))));
+        let utf8 = JsonHeader::new(b"h", None);
+        assert_eq!(serde_json::to_string(&utf8).unwrap(), r#"{"name":"h","value":null}"#);
+        for bad in [
+            r#"{"value":null}"#,
+            r#"{"name":"h","name_base64":"aA==","value":null}"#,
+            r#"{"name_base64":"not base64!","value":null}"#,
+            r#"{"name":"h","value":"not base64!"}"#,
+        ] {
+            let h: JsonHeader = serde_json::from_str(bad).unwrap();
+            assert_eq!(h.decode(), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn single_mode_refuses_a_record_whose_metadata_headers_exceed_the_limit() {
+        let no_trace = HashMap::new();
+        let app = client(DeliveryMode::Single, "g");
+        let small = record(Some(vec![b'k'; 100]), vec![]);
+        assert!(app.refusal(&[outgoing(&small, &no_trace)]).is_none());
+        let big_key = record(Some(vec![b'k'; 10 * 1024]), vec![]);
+        let error = app.refusal(&[outgoing(&big_key, &no_trace)]).expect("refused");
+        assert_eq!(error.class, HEADERS_TOO_LARGE);
+        assert!(
+            error.message.contains("app.max_header_bytes (8192)"),
+            "{}",
+            error.message
+        );
+        let many_headers: Vec<_> = (0..1000)
+            .map(|i| (Bytes::from(format!("h{i}")), Some(Bytes::from_static(b"v"))))
+            .collect();
+        let many = record(None, many_headers);
+        assert!(app.refusal(&[outgoing(&many, &no_trace)]).is_some());
+        let batch = client(DeliveryMode::Batch, "g");
+        assert!(
+            batch.refusal(&[outgoing(&big_key, &no_trace)]).is_none(),
+            "batch carries it in the body"
+        );
+    }
+
+    #[test]
+    fn a_group_that_is_not_a_header_value_is_left_out_of_requests_not_an_error() {
+        let no_trace = HashMap::new();
+        let r = record(Some(b"k".to_vec()), vec![]);
+        for mode in [DeliveryMode::Single, DeliveryMode::Batch] {
+            let app = client(mode, "grüppe\n");
+            let request = match mode {
+                DeliveryMode::Single => app.single_request(&outgoing(&r, &no_trace), 1),
+                DeliveryMode::Batch => app.batch_request(&[outgoing(&r, &no_trace)], 1),
+            };
+            let request = request.build().expect("a request is built");
+            assert!(request.headers().get(headers::GROUP).is_none(), "{mode:?}");
+            assert_eq!(request.headers()[headers::ATTEMPT], "1");
+            let good = client(mode, "orders-app");
+            let request = match mode {
+                DeliveryMode::Single => good.single_request(&outgoing(&r, &no_trace), 1),
+                DeliveryMode::Batch => good.batch_request(&[outgoing(&r, &no_trace)], 1),
+            };
+            assert_eq!(request.build().unwrap().headers()[headers::GROUP], "orders-app");
+        }
     }
 
     #[test]
@@ -350,5 +578,6 @@ mod tests {
         );
         assert_eq!(parse_results(br#"{"results":[{"status":200}]}"#, 2), None);
         assert_eq!(parse_results(b"ok", 2), None);
+        assert_eq!(parse_results(br#"{"results":[{"status":70000}]}"#, 1), None);
     }
 }

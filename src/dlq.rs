@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, RetryConfig};
 use crate::connectivity::KafkaLogContext;
 use crate::metrics::{DlqErrorLabels, Metrics};
-use crate::record::Record;
+use crate::record::{native, Record};
 use crate::retry::{Backoff, ErrorInfo};
 use crate::source::connection_config;
 
@@ -459,12 +459,11 @@ impl DeadLetters {
         } else {
             &r.headers[..]
         };
-        // Original headers, except a trace context replaced by the delivery span's.
-        for (name, value) in original.iter().filter(|(name, _)| !trace.contains_key(name)) {
-            h = h.insert(Header {
-                key: name,
-                value: value.as_deref(),
-            });
+        // Original headers, byte for byte (names need not be UTF-8), except a trace context
+        // replaced by the delivery span's.
+        let replaced = |name: &[u8]| std::str::from_utf8(name).is_ok_and(|n| trace.contains_key(n));
+        for (name, value) in original.iter().filter(|(name, _)| !replaced(name)) {
+            h = native::add(h, name, value.as_deref());
         }
         for (name, value) in trace {
             h = h.insert(Header {

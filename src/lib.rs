@@ -4,7 +4,7 @@
 //! A record's path, top to bottom: [`source`] (poll, rebalance) → [`scheduler`] (ordering,
 //! in-flight bound, batching) → [`worker`] (retry loop) → [`delivery`] (HTTP) / [`dlq`] →
 //! [`offsets`] (watermark commits). [`app`] wires them together.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;

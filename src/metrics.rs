@@ -25,7 +25,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub topic: String,
-    /// consumed, delivered, retried, dead_lettered.
+    /// consumed, delivered, retried, dead_lettered, deduplicated, headers_too_large.
     pub outcome: String,
 }
 
@@ -104,7 +104,7 @@ impl Metrics {
         let records = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "records",
-            "Records by topic and outcome (consumed, delivered, retried, dead_lettered, deduplicated)",
+            "Records by topic and outcome (consumed, delivered, retried, dead_lettered, deduplicated, headers_too_large)",
             records.clone(),
         );
         let delivery_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {

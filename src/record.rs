@@ -1,10 +1,17 @@
 //! The record as it travels through the pipeline: an owned copy of a Kafka message
 //! plus the assignment generation it was read under.
+//!
+//! Copying a message never fails and never panics, whatever its content: keys, values,
+//! header names and header values are kept as bytes ([`native`] reads headers without
+//! rdkafka's accessors, which panic on a header name that is not UTF-8).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
+
+#[allow(unsafe_code)]
+pub mod native;
 
 /// An owned Kafka record.
 #[derive(Debug, Clone)]
@@ -16,8 +23,9 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    /// Record headers in order; a header value may be null.
-    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Record headers in order, duplicates kept: name and value as bytes (a name need not
+    /// be UTF-8); a header value may be null.
+    pub headers: Vec<(Bytes, Option<Bytes>)>,
     /// Assignment generation of the partition when the record was read; completions
     /// from an older generation are ignored by the offset tracker.
     pub generation: u64,
@@ -26,14 +34,15 @@ pub struct Record {
 impl Record {
     /// Copies a message out of librdkafka's buffers.
     pub fn from_message(msg: &BorrowedMessage<'_>, topic: Arc<str>, generation: u64) -> Self {
-        let headers = msg
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = native::read(msg).unwrap_or_else(|e| {
+            // librdkafka refuses to parse some header blocks (over 100,000 headers); the
+            // record itself is still delivered, so say loudly what is missing.
+            tracing::error!(
+                topic = %topic, partition = msg.partition(), offset = msg.offset(), error = %e,
+                "librdkafka could not read the headers of a record; delivering it without headers"
+            );
+            Vec::new()
+        });
         Record {
             topic,
             partition: msg.partition(),
@@ -56,11 +65,11 @@ impl Record {
         self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len) + headers + 64
     }
 
-    /// The value of the first header with this name, as UTF-8.
+    /// The value of the first header with this name, as UTF-8 (`None` if it is not UTF-8).
     pub fn header_str(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| k == name.as_bytes())
             .and_then(|(_, v)| v.as_ref())
             .and_then(|v| std::str::from_utf8(v).ok())
     }

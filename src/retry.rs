@@ -123,14 +123,23 @@ impl Backoff {
     }
 }
 
-/// Parses `Retry-After`: delay-seconds or an HTTP date.
+/// The longest delay [`parse_retry_after`] returns; callers cap it further
+/// (`retry.max_backoff`, `rate_limit.max_retry_after`).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date. Total on any input; at most
+/// [`MAX_RETRY_AFTER`], so no caller can overflow a deadline with it.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 #[cfg(test)]
@@ -213,5 +222,44 @@ mod tests {
         let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("18446744073709551615"), Some(MAX_RETRY_AFTER));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000),
+            ..Default::default()
+        })]
+
+        /// Any header value: no panic, and never more than MAX_RETRY_AFTER.
+        #[test]
+        fn retry_after_of_any_text_is_bounded_and_never_panics(value in ".{0,40}") {
+            if let Some(d) = parse_retry_after(&value) {
+                proptest::prop_assert!(d <= MAX_RETRY_AFTER, "{value:?} gave {d:?}");
+            }
+        }
+
+        /// Text shaped like the two valid forms (numbers of any size, dates of any year).
+        #[test]
+        fn retry_after_of_numbers_and_dates_is_bounded_and_never_panics(
+            secs in proptest::prelude::any::<u128>(),
+            day in 0u32..40, year in 0u32..100_000, hour in 0u32..100, zone in "[A-Z]{0,4}",
+            weekday in proptest::sample::select(vec!["Mon", "Sun", "Xyz", ""]),
+            month in proptest::sample::select(vec!["Jan", "Dec", "Feb", "Foo"]),
+        ) {
+            let forms = [
+                secs.to_string(),
+                format!(" {secs} "),
+                format!("-{secs}"),
+                format!("{weekday}, {day:02} {month} {year} {hour:02}:59:60 {zone}"),
+                format!("{weekday}day, {day:02}-{month}-{year} {hour:02}:00:00 GMT"),
+                format!("{weekday} {month} {day} {hour:02}:00:00 {year}"),
+            ];
+            for value in forms {
+                if let Some(d) = parse_retry_after(&value) {
+                    proptest::prop_assert!(d <= MAX_RETRY_AFTER, "{value:?} gave {d:?}");
+                }
+            }
+        }
     }
 }

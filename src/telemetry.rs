@@ -151,7 +151,12 @@ impl Extractor for RecordHeaders<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.headers.iter().map(|(k, _)| k.as_str()).collect()
+        // Names that are not UTF-8 cannot be trace context keys.
+        self.0
+            .headers
+            .iter()
+            .filter_map(|(k, _)| std::str::from_utf8(k).ok())
+            .collect()
     }
 }
 
@@ -225,7 +230,7 @@ mod tests {
 
     use super::*;
 
-    fn record(headers: Vec<(String, Option<Bytes>)>) -> Record {
+    fn record(headers: Vec<(Bytes, Option<Bytes>)>) -> Record {
         Record {
             topic: Arc::from("t"),
             partition: 0,

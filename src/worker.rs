@@ -260,6 +260,13 @@ impl Worker {
                 self.sleep(delay).await?;
                 continue;
             }
+            // A request that can never be sent (single mode: metadata headers over
+            // app.max_header_bytes) is the record's fault; the app is not called.
+            let refusal = self.app.refusal(&outgoing(&sending));
+            if let Some(error) = refusal {
+                self.refuse(open, sending, attempt, error).await?;
+                continue;
+            }
             attempt += 1;
             let records: Vec<Outgoing<'_>> = sending
                 .iter()
@@ -465,6 +472,45 @@ impl Worker {
         o.span.end(outcome, attempts, error);
     }
 
+    /// Records that cannot be sent at all: dead-lettered with `error`, or without a DLQ kept
+    /// in their lane (checked again every `retry.max_backoff`, like other poison). Counted
+    /// once per record as `records_total{outcome=<error class>}`.
+    async fn refuse<'a>(
+        &self,
+        open: &mut Vec<Open<'a>>,
+        sending: Vec<Open<'a>>,
+        attempts: u32,
+        error: ErrorInfo,
+    ) -> Result<(), Stopped> {
+        let mut settled = Vec::new();
+        let mut held = false;
+        for mut o in sending {
+            if !o.exhausted_logged {
+                self.metrics.record_outcome(o.record, &error.class);
+            }
+            match &self.dlq {
+                Some(dlq) => settled.push(self.dead_letter(dlq, o, attempts, &error).await?),
+                None => {
+                    if !o.exhausted_logged {
+                        tracing::error!(
+                            topic = %o.record.topic, partition = o.record.partition, offset = o.record.offset,
+                            error_class = %error.class, error = %error.message,
+                            "record cannot be sent and no dead-letter topic is configured; it blocks its lane"
+                        );
+                    }
+                    o.exhausted_logged = true;
+                    held = true;
+                    open.push(o);
+                }
+            }
+        }
+        self.settle(settled, attempts).await?;
+        if held {
+            self.sleep(self.retry.max_backoff).await?;
+        }
+        Ok(())
+    }
+
     async fn dead_letter<'a>(
         &self,
         dlq: &DeadLetters,
@@ -489,6 +535,17 @@ impl Worker {
             error: Some(error.message.clone()),
         })
     }
+}
+
+/// What to send for each record.
+fn outgoing<'o>(open: &'o [Open<'_>]) -> Vec<Outgoing<'o>> {
+    open.iter()
+        .map(|o| Outgoing {
+            record: o.record,
+            trace: &o.trace,
+            idempotency_key: &o.key,
+        })
+        .collect()
 }
 
 /// `(record, idempotency key)` of each record, for the dedup gate.

@@ -25,13 +25,9 @@ use common::*;
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::{Offset, TopicPartitionList};
 
 const MINUTE: Duration = Duration::from_secs(60);
 /// `shutdown.grace_period` in [`SidecarConfig::toml`].
@@ -181,104 +177,6 @@ impl Drop for Stream {
 
 // ---- reading back -------------------------------------------------------------------------------
 
-fn reader(bootstrap: &str, group: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer")
-}
-
-async fn create_topic_at(bootstrap: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.create_topics(&[topic], &options).await.expect("create_topics") {
-        r.unwrap_or_else(|(t, e)| panic!("failed to create topic {t}: {e}"));
-    }
-}
-
-fn end_offsets_at(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let c = reader(bootstrap, "chaos-watermarks");
-    (0..partitions)
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
-        })
-        .collect()
-}
-
-fn committed_at(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let c = reader(bootstrap, group);
-    let result = {
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(topic, p);
-        }
-        // Scoped so the list is dropped before the consumer (rdkafka drop-hang pitfall).
-        let got = c.committed_offsets(tpl, Duration::from_secs(10));
-        got.map(|got| {
-            got.elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => -1,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-    };
-    result
-}
-
-/// Every record of a topic, from the beginning to its current end.
-fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Read> {
-    let ends = end_offsets_at(bootstrap, topic, partitions);
-    let total: i64 = ends.iter().sum();
-    let c = reader(bootstrap, &unique("chaos-reader"));
-    {
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        }
-        c.assign(&tpl).expect("assign");
-    }
-    let mut out = Vec::new();
-    let deadline = Instant::now() + MINUTE;
-    while (out.len() as i64) < total && Instant::now() < deadline {
-        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Read {
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers,
-        });
-    }
-    assert_eq!(out.len() as i64, total, "could not read all of {topic}");
-    out
-}
-
 // ---- the invariant checker ----------------------------------------------------------------------
 
 /// What one scenario ran against.
@@ -330,10 +228,10 @@ impl Tally {
 /// short of the end, a delivery or DLQ entry that does not match its source record, or DLQ
 /// metadata that does not name it. Prints the summary line.
 async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
-    let ends = end_offsets_at(&t.bootstrap, t.topic, t.partitions);
+    let ends = end_offsets_on(&t.bootstrap, t.topic, t.partitions);
     let mut committed = vec![];
     let reached = wait_until(2 * MINUTE, || {
-        committed = committed_at(&t.bootstrap, t.group, t.topic, t.partitions);
+        committed = try_committed_on(&t.bootstrap, t.group, t.topic, t.partitions).unwrap_or_default();
         committed == ends
     })
     .await;
@@ -343,7 +241,7 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
         t.scenario, t.seed
     );
 
-    let source = read_topic(&t.bootstrap, t.topic, t.partitions);
+    let source = read_all_on(&t.bootstrap, t.topic, t.partitions);
     let values: HashMap<(i32, i64), Vec<u8>> = source
         .iter()
         .map(|r| ((r.partition, r.offset), r.value.clone().unwrap_or_default()))
@@ -370,7 +268,7 @@ async fn check(t: &Target<'_>, app: &TestApp) -> Tally {
     let mut dead = HashSet::new();
     let mut dlq = Vec::new();
     if let Some(dlq_topic) = t.dlq {
-        for r in read_topic(&t.bootstrap, dlq_topic, 1) {
+        for r in read_all_on(&t.bootstrap, dlq_topic, 1) {
             let h = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
             assert_eq!(
                 h("x-dlq-source-topic"),
@@ -815,7 +713,7 @@ async fn chaos_a_15s_broker_outage_loses_nothing_and_the_sidecar_recovers_withou
     let mut kafka = tokio::task::block_in_place(TestKafka::start);
     let bootstrap = kafka.bootstrap();
     let topic = unique("chaos-outage");
-    create_topic_at(&bootstrap, &topic, 3).await;
+    create_topic_on(&bootstrap, &topic, 3).await;
     let app = TestApp::start(|_| Answer {
         delay: Duration::from_millis(2),
         ..Answer::ok()
@@ -823,7 +721,7 @@ async fn chaos_a_15s_broker_outage_loses_nothing_and_the_sidecar_recovers_withou
     .await;
     let mut cfg = SidecarConfig::new(&topic, &app);
     let dlq = dlq_section(&mut cfg);
-    create_topic_at(&bootstrap, &dlq, 1).await;
+    create_topic_on(&bootstrap, &dlq, 1).await;
     let toml = cfg.toml().replace(
         &format!("brokers = \"{}\"", brokers()),
         &format!("brokers = \"{bootstrap}\""),

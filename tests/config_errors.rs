@@ -84,6 +84,10 @@ fn invalid_configs_exit_non_zero_with_a_message_naming_the_key() {
             "dlq.properties.linger.ms",
         ),
         (format!("{VALID}\n[log]\nlevel = \"info\n"), "config file"),
+        (
+            VALID.replace("[app]\n", "[app]\nmax_header_bytes = \"100B\"\n"),
+            "app.max_header_bytes",
+        ),
     ];
     for (toml, key) in &cases {
         for sub in ["check-config", "run"] {

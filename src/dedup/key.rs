@@ -132,7 +132,7 @@ mod tests {
             value: value.map(Bytes::copy_from_slice),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.map(Bytes::copy_from_slice)))
+                .map(|(k, v)| (Bytes::copy_from_slice(k.as_bytes()), v.map(Bytes::copy_from_slice)))
                 .collect(),
             generation: 0,
         }

@@ -3,7 +3,8 @@
 //! Byte for byte what serializing [`BatchEnvelope`](super::BatchEnvelope) gives, without
 //! building it first: no intermediate strings per record, and base64 (JSON-safe by
 //! construction) is written as is instead of being scanned for characters to escape. Other
-//! strings (topic, header names, traceparent) are escaped by serde_json.
+//! strings (topic, header names, traceparent) are escaped by serde_json. A header name that
+//! is not UTF-8 is written as `name_base64`, like [`JsonHeader::new`](super::JsonHeader::new).
 
 use std::io::Write;
 
@@ -51,8 +52,16 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
             if j > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(b"{\"name\":");
-            json_str(&mut out, name);
+            match std::str::from_utf8(name) {
+                Ok(name) => {
+                    out.extend_from_slice(b"{\"name\":");
+                    json_str(&mut out, name);
+                }
+                Err(_) => {
+                    out.extend_from_slice(b"{\"name_base64\":");
+                    base64_or_null(&mut out, Some(name));
+                }
+            }
             out.extend_from_slice(b",\"value\":");
             base64_or_null(&mut out, value.as_deref());
             out.push(b'}');
@@ -86,12 +95,17 @@ fn base64_or_null(out: &mut Vec<u8>, data: Option<&[u8]>) {
     };
     out.push(b'"');
     let start = out.len();
-    let len = base64::encoded_len(data.len(), true).expect("a record fits in memory, so does its base64");
+    // Encoded in place; `encoded_len` is exact, so the fallback (a separate string) is
+    // only there to keep this total.
+    let len = base64::encoded_len(data.len(), true).unwrap_or(0);
     out.resize(start + len, 0);
-    let written = B64
-        .encode_slice(data, &mut out[start..])
-        .expect("the buffer has the encoded length");
-    debug_assert_eq!(written, len);
+    match B64.encode_slice(data, &mut out[start..]) {
+        Ok(written) => out.truncate(start + written),
+        Err(_) => {
+            out.truncate(start);
+            out.extend_from_slice(B64.encode(data).as_bytes());
+        }
+    }
     out.push(b'"');
 }
 
@@ -123,6 +137,11 @@ mod tests {
                 ),
                 ("héader".into(), None),
                 ("bin".into(), Some(Bytes::from_static(&[1, 2, 3]))),
+                (
+                    Bytes::from_static(b"\xff\xfe"),
+                    Some(Bytes::from_static(b"not utf-8 name")),
+                ),
+                (Bytes::new(), Some(Bytes::new())),
             ],
             generation: 1,
         }

@@ -20,7 +20,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -123,11 +123,24 @@ pub async fn create_topic(name: &str, partitions: i32) {
 
 /// [`create_topic`] on another cluster (e.g. a [`kafka_server::TestKafka`]).
 pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
+    create_topic_on_with(brokers, name, partitions, &[]).await
+}
+
+/// Creates a topic with topic-level configs (e.g. `("max.message.bytes", "1048576")`).
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    create_topic_on_with(&brokers(), name, partitions, configs).await
+}
+
+/// [`create_topic_with`] on another cluster.
+pub async fn create_topic_on_with(brokers: &str, name: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
     let results = admin
         .create_topics(
             &[topic],
@@ -218,6 +231,92 @@ pub async fn produce_to(brokers: &str, topic: &str, records: Vec<Out>) {
     .unwrap();
 }
 
+/// A record given as raw bytes: header names need not be UTF-8, anything may be null.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawOut {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<RawHeader>,
+}
+
+/// A header as bytes: name, and value (null when `None`).
+pub type RawHeader = (Vec<u8>, Option<Vec<u8>>);
+
+/// Produces raw records to partition 0 in order (acks=all), each in a batch of its own (so a
+/// record at the topic's `max.message.bytes` is not batched with others). Returns the
+/// broker's answer per record: `Err` with the error's text when it was rejected.
+pub async fn produce_raw(topic: &str, records: Vec<RawOut>) -> Vec<Result<(), String>> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer<ProduceResult> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("acks", "all")
+            .set("message.max.bytes", "100000000")
+            .create_with_context(ProduceResult::default())
+            .expect("producer");
+        let mut results = Vec::new();
+        for r in &records {
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in &r.headers {
+                // rdkafka's own insert takes the name as &str; this writes any bytes.
+                headers = kafka_sidecar::record::native::add(headers, name, value.as_deref());
+            }
+            let mut rec = BaseRecord::<[u8], [u8]>::to(&topic).partition(0).headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                rec = rec.payload(v.as_slice());
+            }
+            producer.send(rec).map_err(|(e, _)| e).expect("enqueue");
+            producer.flush(Duration::from_secs(60)).expect("flush");
+            results.push(
+                producer
+                    .context()
+                    .last
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .expect("a delivery report"),
+            );
+        }
+        results
+    })
+    .await
+    .unwrap()
+}
+
+/// Remembers the last delivery report of a producer.
+#[derive(Default)]
+struct ProduceResult {
+    last: Mutex<Option<Result<(), String>>>,
+}
+
+impl rdkafka::ClientContext for ProduceResult {}
+
+impl rdkafka::producer::ProducerContext for ProduceResult {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        *self.last.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
+    }
+}
+
+/// Produces one record with kcat (a C producer, as a user would): `header` is kcat's
+/// `-H name=value` argument as bytes, the key and value are `key:value` on stdin (`-K:`).
+pub fn kcat_produce(topic: &str, header: &[u8], key_value: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let mut child = Command::new("kcat")
+        .args(["-P", "-b", &brokers(), "-t", topic, "-p", "0", "-K:", "-H"])
+        .arg(std::ffi::OsStr::from_bytes(header))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat is installed (apt-get install kcat)");
+    child.stdin.take().unwrap().write_all(key_value).unwrap();
+    let status = child.wait().expect("kcat");
+    assert!(status.success(), "kcat failed: {status}");
+}
+
 fn consumer(group: &str) -> BaseConsumer {
     consumer_on(&brokers(), group)
 }
@@ -238,6 +337,12 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
 
 /// [`committed`] on another cluster.
 pub fn committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    try_committed_on(brokers, group, topic, partitions).unwrap_or_else(|e| panic!("committed offsets: {e}"))
+}
+
+/// [`committed_on`], with the error instead of a panic (for loops that wait for a commit while
+/// the broker may be busy or restarting).
+pub fn try_committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> Result<Vec<i64>, String> {
     let c = consumer_on(brokers, group);
     let result = {
         let mut tpl = TopicPartitionList::new();
@@ -245,16 +350,17 @@ pub fn committed_on(brokers: &str, group: &str, topic: &str, partitions: i32) ->
             tpl.add_partition(topic, p);
         }
         // Scoped so the list is dropped before the consumer (rdkafka drop-hang pitfall).
-        let got = c
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets");
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => -1,
-            })
-            .collect()
+        let got = c.committed_offsets(tpl, Duration::from_secs(10));
+        got.map(|got| {
+            got.elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => -1,
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
     };
     result
 }
@@ -297,14 +403,22 @@ pub struct Read {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// Headers by name (names and values decoded lossily as UTF-8; the last of duplicates).
     pub headers: HashMap<String, String>,
+    /// Headers exactly as stored, in order.
+    pub raw_headers: Vec<RawHeader>,
 }
 
 /// Reads every record of a topic from the beginning up to its current end.
 pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
-    let ends = end_offsets(topic, partitions);
+    read_all_on(&brokers(), topic, partitions)
+}
+
+/// [`read_all`] on another cluster.
+pub fn read_all_on(brokers: &str, topic: &str, partitions: i32) -> Vec<Read> {
+    let ends = end_offsets_on(brokers, topic, partitions);
     let total: i64 = ends.iter().sum();
-    let c = consumer(&unique("reader"));
+    let c = consumer_on(brokers, &unique("reader"));
     let mut out = Vec::new();
     {
         let mut tpl = TopicPartitionList::new();
@@ -313,28 +427,31 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Read> {
         }
         c.assign(&tpl).expect("assign");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while (out.len() as i64) < total && Instant::now() < deadline {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let headers = m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
+            // Not rdkafka's header accessors: they panic on a name that is not UTF-8.
+            let raw_headers: Vec<RawHeader> = kafka_sidecar::record::native::read(&m)
+                .expect("headers readable")
+                .into_iter()
+                .map(|(name, value)| (name.to_vec(), value.map(|v| v.to_vec())))
+                .collect();
+            let headers = raw_headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(value.as_deref().unwrap_or_default()).into_owned(),
+                    )
                 })
-                .unwrap_or_default();
+                .collect();
             out.push(Read {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
                 headers,
+                raw_headers,
             });
         }
     }
@@ -405,6 +522,11 @@ pub struct Request {
     pub attempt: u32,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// The value was null (`X-Kafka-Value-Null`, or `"value": null` in a batch).
+    pub value_null: bool,
+    /// The record's headers decoded from `X-Kafka-Headers` or the batch envelope (`name` or
+    /// `name_base64`, base64 values); empty when there are none.
+    pub record_headers: Vec<RawHeader>,
     pub headers: HeaderMap,
     pub status: u16,
     /// When the app received it.
@@ -479,6 +601,8 @@ impl TestApp {
         let app = Router::new()
             .route("/health", axum::routing::get(|| async { "ok" }))
             .fallback(handle)
+            // Records up to the broker's size limits, base64-encoded in a batch.
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         let s = stop.clone();
         tokio::spawn(async move {
@@ -569,6 +693,14 @@ async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
                 .expect("key is base64")
         }),
         value: body.to_vec(),
+        value_null: headers.contains_key("x-kafka-value-null"),
+        record_headers: headers
+            .get("x-kafka-headers")
+            .map(|v| {
+                let json: serde_json::Value = serde_json::from_slice(v.as_bytes()).expect("X-Kafka-Headers is JSON");
+                decode_json_headers(&json)
+            })
+            .unwrap_or_default(),
         headers: headers.clone(),
         status: 0,
         at: Instant::now(),
@@ -607,6 +739,8 @@ async fn handle_batch(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> 
             attempt: r["attempt"].as_u64().unwrap() as u32,
             key: b64(&r["key"]),
             value: b64(&r["value"]).unwrap_or_default(),
+            value_null: r["value"].is_null(),
+            record_headers: decode_json_headers(&r["headers"]),
             headers: headers.clone(),
             status: 0,
             at: Instant::now(),
@@ -616,6 +750,30 @@ async fn handle_batch(state: Arc<AppState>, headers: HeaderMap, body: Bytes) -> 
         state.requests.lock().unwrap().push(req);
     }
     axum::Json(serde_json::json!({ "results": results })).into_response()
+}
+
+/// Decodes record headers in the wire contract's JSON form, as an app would: `name` (UTF-8)
+/// or `name_base64`, and a base64 or null `value`.
+pub fn decode_json_headers(json: &serde_json::Value) -> Vec<RawHeader> {
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("a base64 string"))
+            .expect("valid base64")
+    };
+    json.as_array()
+        .expect("headers are a JSON array")
+        .iter()
+        .map(|h| {
+            let name = match (h.get("name"), h.get("name_base64")) {
+                (Some(n), None) => n.as_str().expect("name is a string").as_bytes().to_vec(),
+                (None, Some(n)) => b64(n),
+                other => panic!("a header has exactly one of name and name_base64: {other:?}"),
+            };
+            let value = (!h["value"].is_null()).then(|| b64(&h["value"]));
+            (name, value)
+        })
+        .collect()
 }
 
 /// Settings of one sidecar run.
