@@ -19,7 +19,7 @@ use crate::connectivity::ConnectivityView;
 use crate::dlq::DlqHealth;
 use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
-use crate::scheduler::InFlight;
+use crate::pipeline::InFlight;
 use crate::source::SourceState;
 
 /// What the admin endpoints read.

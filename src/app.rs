@@ -25,7 +25,8 @@ use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::ratelimit::RateLimiter;
-use crate::scheduler::{InFlight, Scheduler, Settings};
+use crate::pipeline::InFlight;
+use crate::scheduler::{Scheduler, Settings};
 use crate::source::{self, Limits, PollLoop, PollThread, SourceState};
 use crate::worker::Worker;
 use crate::{lag, telemetry};
@@ -275,7 +276,7 @@ fn scheduler_fault(result: Result<(), JoinError>) -> String {
         Ok(()) => "the scheduler stopped unexpectedly".into(),
         Err(e) if e.is_panic() => format!(
             "the scheduler panicked: {}",
-            crate::scheduler::panic_message(&*e.into_panic())
+            crate::pipeline::panic_message(&*e.into_panic())
         ),
         Err(e) => format!("the scheduler task failed: {e}"),
     }

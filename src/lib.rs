@@ -17,6 +17,7 @@ pub mod dlq;
 pub mod lag;
 pub mod metrics;
 pub mod offsets;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod record;
 pub mod retry;

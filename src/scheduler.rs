@@ -10,7 +10,7 @@
 //! job ends (and wakes the poll thread if it holds). Nothing here drops a record except on
 //! revoke, where the partition's new owner reads it again from the committed offset.
 //!
-//! Jobs run on a [`JobRunner`] ([`crate::worker::Worker`] in the sidecar). A job that panics
+//! Jobs run on a [`JobRunner`] (the worker in the sidecar, a fake in tests). A job that panics
 //! never wedges its lane: a drop guard reports every job's end, so its lanes, its worker slot
 //! and its in-flight count are released whatever happens, and the panic is caught and handed
 //! to the runner, which decides whether the records are run again (a batch one record at a
@@ -20,8 +20,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,83 +31,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{BatchConfig, DeliveryMode, Ordering};
 use crate::offsets::TopicPartition;
+use crate::pipeline::{panic_message, InFlight, Input, JobRunner};
 use crate::record::Record;
-
-/// Runs the scheduler's jobs: the worker in the sidecar, a fake in tests.
-pub trait JobRunner: Send + Sync + 'static {
-    /// Runs a job (records in lane order) to its end: every record finished, revoked, or
-    /// abandoned at shutdown's hard stop.
-    fn run(&self, job: &[Record]) -> impl Future<Output = ()> + Send;
-
-    /// `run` panicked on this job, `panics` times in a row. Count and log it, wait before the
-    /// next try, and return whether to run the job again. Returning false must leave no record
-    /// to be committed unfinished: dead-letter what is left, or abandon it (not committed, so
-    /// read again after a restart). A job of several records is run again one record at a time.
-    fn after_panic(&self, job: &[Record], panics: u32, message: &str) -> impl Future<Output = bool> + Send;
-}
 
 /// Wait before running a job again when the runner's panic handling panicked too.
 const PANIC_FALLBACK_DELAY: Duration = Duration::from_secs(1);
-
-/// What the poll thread sends to the scheduler.
-#[derive(Debug)]
-pub enum Input {
-    Record(Record),
-    /// These partitions were revoked: drop their queued records.
-    Revoked(Vec<TopicPartition>),
-    /// Shutdown: nothing more will be read; finish what is queued, then stop.
-    End,
-}
-
-/// Records and bytes read and not yet finished: the memory bound.
-///
-/// The poll thread holding at the limit sleeps in [`InFlight::wait_for_release`] and is woken
-/// by the next release. A release costs one atomic load unless the poll thread is waiting.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    pub records: AtomicUsize,
-    pub bytes: AtomicUsize,
-    /// The poll thread waits on `released` (with `hold` locked) while this is set.
-    holding: AtomicBool,
-    hold: Mutex<()>,
-    released: Condvar,
-}
-
-impl InFlight {
-    pub fn add(&self, bytes: usize) {
-        self.records.fetch_add(1, AtomicOrdering::SeqCst);
-        self.bytes.fetch_add(bytes, AtomicOrdering::SeqCst);
-    }
-
-    fn release(&self, records: usize, bytes: usize) {
-        self.records.fetch_sub(records, AtomicOrdering::SeqCst);
-        self.bytes.fetch_sub(bytes, AtomicOrdering::SeqCst);
-        // SeqCst pairs with `wait_for_release`: either this load sees `holding` set, or the
-        // waiter's check (after it set `holding`) sees the counts just released.
-        if self.holding.load(AtomicOrdering::SeqCst) {
-            let _hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
-            self.released.notify_all();
-        }
-    }
-
-    pub fn get(&self) -> (usize, usize) {
-        (
-            self.records.load(AtomicOrdering::SeqCst),
-            self.bytes.load(AtomicOrdering::SeqCst),
-        )
-    }
-
-    /// Blocks the calling thread until the counts differ from `seen` (records were released)
-    /// or `timeout` passes. For the poll thread holding at the limit.
-    pub fn wait_for_release(&self, seen: (usize, usize), timeout: Duration) {
-        let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
-        self.holding.store(true, AtomicOrdering::SeqCst);
-        if self.get() == seen {
-            let _ = self.released.wait_timeout(hold, timeout);
-        }
-        self.holding.store(false, AtomicOrdering::SeqCst);
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
@@ -423,15 +350,6 @@ async fn caught<T>(fut: impl Future<Output = T>) -> Result<T, String> {
         .catch_unwind()
         .await
         .map_err(|panic| panic_message(&*panic))
-}
-
-/// The message of a panic payload (`panic!` with a literal or a formatted message).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".into())
 }
 
 #[cfg(test)]

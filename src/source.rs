@@ -47,7 +47,7 @@ use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
-use crate::scheduler::{panic_message, InFlight, Input};
+use crate::pipeline::{panic_message, InFlight, Input};
 
 mod backpressure;
 

@@ -37,7 +37,7 @@ use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::ratelimit::{Permit, RateLimiter};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
-use crate::scheduler::JobRunner;
+use crate::pipeline::JobRunner;
 use crate::telemetry::DeliverySpan;
 
 /// Everything a job needs; shared by all jobs.

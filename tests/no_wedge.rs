@@ -17,7 +17,8 @@ use kafka_sidecar::metrics::Metrics;
 use kafka_sidecar::offsets::{OffsetTracker, TopicPartition};
 use kafka_sidecar::ratelimit::RateLimiter;
 use kafka_sidecar::record::Record;
-use kafka_sidecar::scheduler::{InFlight, Input, JobRunner, Scheduler, Settings};
+use kafka_sidecar::pipeline::{InFlight, Input, JobRunner};
+use kafka_sidecar::scheduler::{Scheduler, Settings};
 use kafka_sidecar::worker::Worker;
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,98 @@
+//! The pipeline's shared types: what the poll thread ([`crate::source`]) hands to the
+//! scheduler ([`crate::scheduler`]), the in-flight bound both of them keep, and the trait the
+//! scheduler runs its jobs on (implemented by [`crate::worker`]).
+//!
+//! Guaranteed: this module depends on no pipeline stage (only on the record and offset
+//! types), so the source, the scheduler and the worker can each be built and tested alone
+//! against it. `tests/architecture.rs` checks that no stage imports another through a cycle.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::offsets::TopicPartition;
+use crate::record::Record;
+
+/// Runs the scheduler's jobs: the worker in the sidecar, a fake in tests.
+pub trait JobRunner: Send + Sync + 'static {
+    /// Runs a job (records in lane order) to its end: every record finished, revoked, or
+    /// abandoned at shutdown's hard stop.
+    fn run(&self, job: &[Record]) -> impl Future<Output = ()> + Send;
+
+    /// `run` panicked on this job, `panics` times in a row. Count and log it, wait before the
+    /// next try, and return whether to run the job again. Returning false must leave no record
+    /// to be committed unfinished: dead-letter what is left, or abandon it (not committed, so
+    /// read again after a restart). A job of several records is run again one record at a time.
+    fn after_panic(&self, job: &[Record], panics: u32, message: &str) -> impl Future<Output = bool> + Send;
+}
+
+/// What the poll thread sends to the scheduler.
+#[derive(Debug)]
+pub enum Input {
+    Record(Record),
+    /// These partitions were revoked: drop their queued records.
+    Revoked(Vec<TopicPartition>),
+    /// Shutdown: nothing more will be read; finish what is queued, then stop.
+    End,
+}
+
+/// Records and bytes read and not yet finished: the memory bound.
+///
+/// The poll thread holding at the limit sleeps in [`InFlight::wait_for_release`] and is woken
+/// by the next release. A release costs one atomic load unless the poll thread is waiting.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    pub records: AtomicUsize,
+    pub bytes: AtomicUsize,
+    /// The poll thread waits on `released` (with `hold` locked) while this is set.
+    holding: AtomicBool,
+    hold: Mutex<()>,
+    released: Condvar,
+}
+
+impl InFlight {
+    pub fn add(&self, bytes: usize) {
+        self.records.fetch_add(1, AtomicOrdering::SeqCst);
+        self.bytes.fetch_add(bytes, AtomicOrdering::SeqCst);
+    }
+
+    /// Releases finished records (the scheduler, when a job ends or a lane is revoked).
+    pub(crate) fn release(&self, records: usize, bytes: usize) {
+        self.records.fetch_sub(records, AtomicOrdering::SeqCst);
+        self.bytes.fetch_sub(bytes, AtomicOrdering::SeqCst);
+        // SeqCst pairs with `wait_for_release`: either this load sees `holding` set, or the
+        // waiter's check (after it set `holding`) sees the counts just released.
+        if self.holding.load(AtomicOrdering::SeqCst) {
+            let _hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+            self.released.notify_all();
+        }
+    }
+
+    pub fn get(&self) -> (usize, usize) {
+        (
+            self.records.load(AtomicOrdering::SeqCst),
+            self.bytes.load(AtomicOrdering::SeqCst),
+        )
+    }
+
+    /// Blocks the calling thread until the counts differ from `seen` (records were released)
+    /// or `timeout` passes. For the poll thread holding at the limit.
+    pub fn wait_for_release(&self, seen: (usize, usize), timeout: Duration) {
+        let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        self.holding.store(true, AtomicOrdering::SeqCst);
+        if self.get() == seen {
+            let _ = self.released.wait_timeout(hold, timeout);
+        }
+        self.holding.store(false, AtomicOrdering::SeqCst);
+    }
+}
+
+/// The message of a panic payload (`panic!` with a literal or a formatted message).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
