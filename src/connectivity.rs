@@ -16,14 +16,11 @@
 //! when librdkafka reconnects, with nothing lost (uncommitted records are read again).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientContext;
 
 /// What `/status` shows under `"kafka"`.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,77 +204,6 @@ pub fn is_transport_error(error: &KafkaError) -> bool {
     )
 }
 
-/// Whether an error means the connection's TLS or SASL handshake failed.
-fn is_security_error(error: &KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(SSL | Authentication | SaslAuthenticationFailed)
-    )
-}
-
-/// Log and error callbacks shared by every Kafka client of the sidecar: transport failures
-/// feed [`Connectivity`] (when given) and go to debug; everything else is logged as before.
-#[derive(Clone, Default)]
-pub struct KafkaLogContext {
-    connectivity: Option<Arc<Connectivity>>,
-}
-
-impl KafkaLogContext {
-    pub fn new(connectivity: Arc<Connectivity>) -> Self {
-        Self {
-            connectivity: Some(connectivity),
-        }
-    }
-
-    /// A context that only demotes transport noise (for clients whose connectivity the
-    /// consumer already reports, e.g. the DLQ producer).
-    pub fn quiet() -> Self {
-        Self::default()
-    }
-}
-
-impl ClientContext for KafkaLogContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        use RDKafkaLogLevel::*;
-        // FAIL: a broker connection failed or closed; librdkafka retries with backoff and
-        // the connectivity state reports the outage once.
-        if fac == "FAIL" {
-            return tracing::debug!(target: "librdkafka", fac, "{message}");
-        }
-        match level {
-            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
-            Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if is_transport_error(&error) {
-            if let Some(c) = &self.connectivity {
-                // "1/1 brokers are down" says less than the failure that led to it.
-                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-                    c.suspect();
-                } else {
-                    c.report(reason);
-                }
-            }
-            return tracing::debug!(target: "librdkafka", error = %error, "kafka client transport error: {reason}");
-        }
-        // A TLS or SASL failure needs a fix, so it stays an error line; it is also why the
-        // brokers cannot be reached, so /status shows it.
-        if is_security_error(&error) {
-            if let Some(c) = &self.connectivity {
-                c.report(reason);
-            }
-        }
-        tracing::error!(target: "librdkafka", error = %error, "kafka client error: {reason}");
-    }
-}
-
-impl ConsumerContext for KafkaLogContext {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,20 +261,6 @@ mod tests {
             down.error.unwrap_or_default().contains("Connection refused"),
             "the cause shows"
         );
-    }
-
-    #[test]
-    fn a_tls_or_sasl_failure_is_why_the_brokers_cannot_be_reached() {
-        let c = Arc::new(conn());
-        c.up();
-        let ctx = KafkaLogContext::new(c.clone());
-        ctx.error(
-            KafkaError::Global(RDKafkaErrorCode::Authentication),
-            "SASL authentication error: invalid credentials",
-        );
-        assert!(c.needs_check());
-        c.check_failed("Meta data fetch error: OperationTimedOut");
-        assert!(c.view().error.unwrap_or_default().contains("invalid credentials"));
     }
 
     #[test]

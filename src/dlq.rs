@@ -32,11 +32,10 @@ use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RetryConfig};
-use crate::connectivity::KafkaLogContext;
+use crate::kafka_client::{connection_config, KafkaLogContext};
 use crate::metrics::{DlqErrorLabels, Metrics};
 use crate::record::{native, Record};
 use crate::retry::{Backoff, ErrorInfo};
-use crate::source::connection_config;
 
 /// Header names added to dead-lettered records.
 pub mod headers {

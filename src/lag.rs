@@ -26,10 +26,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::connectivity::{is_transport_error, Connectivity, KafkaLogContext};
+use crate::connectivity::{is_transport_error, Connectivity};
+use crate::kafka_client::{connection_config, KafkaLogContext};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Reset, TopicPartition};
-use crate::source::connection_config;
 
 /// How often the loop wakes to look for new assignments and connectivity checks.
 const TICK: Duration = Duration::from_millis(50);

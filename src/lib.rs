@@ -14,6 +14,7 @@ pub mod connectivity;
 pub mod dedup;
 pub mod delivery;
 pub mod dlq;
+pub mod kafka_client;
 pub mod lag;
 pub mod metrics;
 pub mod offsets;

@@ -42,8 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::Config;
-use crate::connectivity::{is_transport_error, Connectivity, KafkaLogContext};
+use crate::connectivity::{is_transport_error, Connectivity};
 use crate::metrics::Metrics;
+use crate::kafka_client::KafkaLogContext;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::record::Record;
 use crate::retry::Backoff;
@@ -352,32 +353,6 @@ pub fn create_consumer(
         let e = crate::config::redact::kafka_error(&e, "kafka.properties");
         anyhow::anyhow!("invalid Kafka consumer settings (kafka.* / kafka.properties): {e}")
     })
-}
-
-/// Connection and security settings (`security.protocol`, `sasl.*`, `ssl.*`, ...) shared by
-/// every Kafka client the sidecar makes besides the consumer (DLQ producer, lag monitor).
-pub fn connection_config(cfg: &Config, client_suffix: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("client.id", format!("{}{client_suffix}", cfg.kafka.client_id));
-    for (k, v) in cfg.kafka.properties.iter().filter(|(k, _)| is_connection_property(k)) {
-        cc.set(k, v);
-    }
-    cc
-}
-
-fn is_connection_property(key: &str) -> bool {
-    [
-        "security.protocol",
-        "sasl.",
-        "ssl.",
-        "socket.",
-        "broker.",
-        "client.dns.lookup",
-        "enable.ssl",
-    ]
-    .iter()
-    .any(|p| key.starts_with(p))
 }
 
 impl Limits {
