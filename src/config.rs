@@ -21,17 +21,21 @@ use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod breaker;
+mod dedup;
 pub mod duration;
 mod env;
 #[cfg(test)]
 mod proptests;
+pub(crate) mod rate_limit;
 pub mod redact;
+mod telemetry;
 
+pub use self::breaker::BreakerConfig;
+pub use self::dedup::{DedupConfig, KeySource, OnError};
+pub use self::rate_limit::RateLimitConfig;
 pub use self::redact::url as redact_url;
-pub use crate::breaker::BreakerConfig;
-pub use crate::dedup::DedupConfig;
-pub use crate::ratelimit::RateLimitConfig;
-pub use crate::telemetry::TelemetryConfig;
+pub use self::telemetry::TelemetryConfig;
 
 /// Prefix of environment variables that override config keys:
 /// `KAFKA_SIDECAR_<SECTION>__<KEY>`, e.g. `KAFKA_SIDECAR_KAFKA__BROKERS`.

@@ -23,7 +23,6 @@
 //! same operation). Callers time the operations themselves for latency metrics: each one is
 //! a single awaited call.
 
-mod config;
 mod gate;
 mod key;
 mod memory;
@@ -41,11 +40,11 @@ use redis::cluster_routing::Slot;
 use redis::{ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
 use tokio::time::Instant;
 
-pub use self::config::{DedupConfig, OnError};
 pub use self::gate::{Decision, Gate};
-pub use self::key::{derive_key, idempotency_key, DerivedKey, KeySource};
+pub use self::key::{derive_key, idempotency_key, DerivedKey};
 use self::memory::MemoryStore;
 use crate::config::redact_url;
+pub use crate::config::{DedupConfig, KeySource, OnError};
 use crate::record::Record;
 
 /// The value of a key whose record was delivered. Owner tokens never equal it.

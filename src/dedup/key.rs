@@ -9,39 +9,11 @@
 
 use sha2::{Digest, Sha256};
 
-use super::DedupConfig;
+use crate::config::{DedupConfig, KeySource};
 use crate::record::Record;
 
 /// Raw keys (record key, header value) longer than this are replaced by their hash.
 const MAX_RAW_KEY_LEN: usize = 200;
-
-/// Where a record's idempotency key comes from (`dedup.key`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    /// `{topic}/{partition}/{offset}/{timestamp}` (see [`offset_key`]).
-    Offset,
-    /// The record key.
-    Key,
-    /// Hex SHA-256 of the record value.
-    ValueHash,
-    /// The value of the first record header with this name.
-    Header(String),
-}
-
-impl KeySource {
-    /// Parses "offset", "key", "value_hash" or `"header:<name>"`.
-    pub fn parse(s: &str) -> Option<KeySource> {
-        match s {
-            "offset" => Some(KeySource::Offset),
-            "key" => Some(KeySource::Key),
-            "value_hash" => Some(KeySource::ValueHash),
-            _ => s
-                .strip_prefix("header:")
-                .filter(|name| !name.is_empty())
-                .map(|name| KeySource::Header(name.to_string())),
-        }
-    }
-}
 
 /// A record's idempotency key and how it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]

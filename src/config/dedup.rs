@@ -1,15 +1,42 @@
-//! `[dedup]` configuration.
+//! `[dedup]` configuration (dedup itself is [`crate::dedup`]).
 
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
 use serde::{Deserialize, Serialize};
 
-use super::KeySource;
-use crate::config::{lenient_string, redact_url, string_or_list};
+use super::{lenient_string, redact_url, string_or_list};
 
 /// Config section name, used in validation messages.
 const SECTION: &str = "dedup";
+
+/// Where a record's idempotency key comes from (`dedup.key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `{topic}/{partition}/{offset}/{timestamp}` (see [`crate::dedup::derive_key`]).
+    Offset,
+    /// The record key.
+    Key,
+    /// Hex SHA-256 of the record value.
+    ValueHash,
+    /// The value of the first record header with this name.
+    Header(String),
+}
+
+impl KeySource {
+    /// Parses "offset", "key", "value_hash" or `"header:<name>"`.
+    pub fn parse(s: &str) -> Option<KeySource> {
+        match s {
+            "offset" => Some(KeySource::Offset),
+            "key" => Some(KeySource::Key),
+            "value_hash" => Some(KeySource::ValueHash),
+            _ => s
+                .strip_prefix("header:")
+                .filter(|name| !name.is_empty())
+                .map(|name| KeySource::Header(name.to_string())),
+        }
+    }
+}
 
 /// What to do with records while Redis is unavailable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
