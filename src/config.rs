@@ -5,6 +5,14 @@
 //! wrong types, bad durations, missing required values) with the key's full path,
 //! so an operator fixes a ConfigMap in one round trip.
 //!
+//! Where config lives (one rule, checked by `tests/architecture.rs`): every section's struct
+//! is in this module — the small ones here, the larger ones in their own file
+//! (`config/breaker.rs`, `config/dedup.rs`, `config/rate_limit.rs`, `config/telemetry.rs`);
+//! the module a section configures re-exports it (`breaker::BreakerConfig`). This module
+//! imports no other module of the crate, so any module may import it. The plumbing has its
+//! own files: environment mapping in [`env`], redaction in [`redact`], durations in
+//! [`duration`].
+//!
 //! Guarantees: environment values for text fields stay text ([`env`]); every duration is
 //! bounded so clock arithmetic cannot overflow ([`duration`]); no secret reaches an output
 //! ([`redact`]); loading never panics, whatever the TOML text or environment (property

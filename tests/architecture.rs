@@ -59,6 +59,24 @@ fn leaf_modules_import_only_what_the_rule_allows() {
     assert!(wrong.is_empty(), "the module dependency rule is broken:\n{}", wrong.join("\n"));
 }
 
+/// The pipeline stages meet only in `pipeline` (and are wired by `app`): none imports another,
+/// so each can be built and tested alone.
+const STAGES: &[&str] = &["source", "scheduler", "worker"];
+
+#[test]
+fn pipeline_stages_import_none_of_each_other() {
+    let graph = graph_of_crate();
+    let mut wrong = Vec::new();
+    for from in STAGES {
+        for to in STAGES {
+            if let Some(at) = graph.get(*from).and_then(|e| e.get(*to)) {
+                wrong.push(format!("{from} imports {to} at {}", at.join(", ")));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "stages must meet in crate::pipeline instead:\n{}", wrong.join("\n"));
+}
+
 #[test]
 fn the_checker_sees_the_known_edges() {
     // Guards the parser against silently finding nothing: these edges exist today.
