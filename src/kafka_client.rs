@@ -135,7 +135,13 @@ mod tests {
 
     #[test]
     fn only_connection_and_security_properties_are_shared() {
-        for key in ["security.protocol", "sasl.mechanism", "ssl.ca.location", "socket.timeout.ms", "client.dns.lookup"] {
+        for key in [
+            "security.protocol",
+            "sasl.mechanism",
+            "ssl.ca.location",
+            "socket.timeout.ms",
+            "client.dns.lookup",
+        ] {
             assert!(is_connection_property(key), "{key} is shared");
         }
         for key in ["auto.offset.reset", "fetch.max.bytes", "linger.ms", "group.id"] {

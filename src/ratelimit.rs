@@ -46,8 +46,8 @@ use governor::{InsufficientCapacity, NotUntil, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-pub use crate::config::RateLimitConfig;
 use crate::config::rate_limit::MAX_RATE;
+pub use crate::config::RateLimitConfig;
 use crate::retry::Transport;
 
 /// How often idle per-key states are dropped: keeps memory bounded by the keys seen lately.

@@ -43,12 +43,12 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::Config;
 use crate::connectivity::{is_transport_error, Connectivity};
-use crate::metrics::Metrics;
 use crate::kafka_client::KafkaLogContext;
+use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::pipeline::{panic_message, InFlight, Input};
 use crate::record::Record;
 use crate::retry::Backoff;
-use crate::pipeline::{panic_message, InFlight, Input};
 
 mod backpressure;
 

@@ -34,10 +34,10 @@ use crate::delivery::{AppClient, Outgoing};
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::pipeline::JobRunner;
 use crate::ratelimit::{Permit, RateLimiter};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
-use crate::pipeline::JobRunner;
 use crate::telemetry::DeliverySpan;
 
 /// Everything a job needs; shared by all jobs.

@@ -31,7 +31,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
 #[test]
 fn src_has_no_import_cycle() {
     let graph = graph_of_crate();
-    assert!(graph.len() > 10, "the checker found the crate's modules: {:?}", graph.keys());
+    assert!(
+        graph.len() > 10,
+        "the checker found the crate's modules: {:?}",
+        graph.keys()
+    );
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle in src/: {}", describe(&graph, &cycle));
     }
@@ -47,7 +51,9 @@ fn leaf_modules_import_only_what_the_rule_allows() {
         .chain(ALLOWED.iter().copied());
     for (module, allowed) in rules {
         let Some(edges) = graph.get(module) else {
-            wrong.push(format!("{module}: no such module in src/ (update tests/architecture.rs)"));
+            wrong.push(format!(
+                "{module}: no such module in src/ (update tests/architecture.rs)"
+            ));
             continue;
         };
         for (to, at) in edges {
@@ -56,7 +62,11 @@ fn leaf_modules_import_only_what_the_rule_allows() {
             }
         }
     }
-    assert!(wrong.is_empty(), "the module dependency rule is broken:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "the module dependency rule is broken:\n{}",
+        wrong.join("\n")
+    );
 }
 
 /// The pipeline stages meet only in `pipeline` (and are wired by `app`): none imports another,
@@ -74,7 +84,11 @@ fn pipeline_stages_import_none_of_each_other() {
             }
         }
     }
-    assert!(wrong.is_empty(), "stages must meet in crate::pipeline instead:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "stages must meet in crate::pipeline instead:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -105,7 +119,11 @@ fn graph_of_crate() -> Graph {
     let sources: Vec<(String, String)> = files
         .iter()
         .map(|f| {
-            let rel = f.strip_prefix(&src).expect("under src/").to_string_lossy().replace('\\', "/");
+            let rel = f
+                .strip_prefix(&src)
+                .expect("under src/")
+                .to_string_lossy()
+                .replace('\\', "/");
             let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display()));
             (rel, text)
         })
@@ -390,7 +408,12 @@ fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
         Open,
         Done,
     }
-    fn visit(node: &str, graph: &Graph, marks: &mut BTreeMap<String, Mark>, stack: &mut Vec<String>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &Graph,
+        marks: &mut BTreeMap<String, Mark>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
         match marks.get(node) {
             Some(Mark::Done) => return None,
             Some(Mark::Open) => {
@@ -460,7 +483,14 @@ fn checker_finds_a_cycle_of_four_and_names_it_with_the_lines() {
     assert_eq!(cycle.len(), 5, "{cycle:?}");
     assert_eq!(cycle.first(), cycle.last());
     let text = describe(&graph, &cycle);
-    for part in ["dlq", "source", "scheduler", "worker", "src/scheduler.rs:2", "src/worker.rs:1"] {
+    for part in [
+        "dlq",
+        "source",
+        "scheduler",
+        "worker",
+        "src/scheduler.rs:2",
+        "src/worker.rs:1",
+    ] {
         assert!(text.contains(part), "{text}");
     }
 }
@@ -470,7 +500,10 @@ fn checker_finds_a_two_module_cycle_through_a_submodule_and_a_serde_attribute() 
     let graph = graph_of(&files(&[
         ("config.rs", "pub use crate::dedup::DedupConfig;\n"),
         ("config/duration.rs", ""),
-        ("dedup/config.rs", "#[serde(with = \"crate::config::duration\")]\nstruct D;\n"),
+        (
+            "dedup/config.rs",
+            "#[serde(with = \"crate::config::duration\")]\nstruct D;\n",
+        ),
         ("dedup.rs", "mod config;\n"),
     ]));
     assert_eq!(edges(&graph), [pair("config", "dedup"), pair("dedup", "config")]);
@@ -532,6 +565,10 @@ fn super_counts_only_when_it_climbs_to_the_crate_root() {
     let top = "use super::dlq::DeadLetters;\nmod tests {\n    use super::*;\n    use super::super::metrics;\n}\nuse super::record;\n";
     assert_eq!(
         references("worker.rs", top),
-        [(1, "dlq".to_string()), (4, "metrics".to_string()), (6, "record".to_string())]
+        [
+            (1, "dlq".to_string()),
+            (4, "metrics".to_string()),
+            (6, "record".to_string())
+        ]
     );
 }
