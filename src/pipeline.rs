@@ -4,7 +4,8 @@
 //!
 //! Guaranteed: this module depends on no pipeline stage (only on the record and offset
 //! types), so the source, the scheduler and the worker can each be built and tested alone
-//! against it. `tests/architecture.rs` checks that no stage imports another through a cycle.
+//! against it. `tests/architecture.rs` checks that this module imports no stage and that no
+//! stage imports another.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
