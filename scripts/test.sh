@@ -76,7 +76,7 @@ step "cargo test --release --no-run (build the tests)"
 tools_ready
 step "cargo test --release (unit + integration against 127.0.0.1:9092)"
 # Two at a time: the machines are small and the tests share one broker.
-"${CARGO_TEST[@]}" -- --test-threads=2
+"${CARGO_TEST[@]}" --no-fail-fast -- --test-threads=2
 chaos_report
 step "packaging checks"
 bash scripts/check-packaging.sh

@@ -169,9 +169,12 @@ impl Connectivity {
         }
     }
 
-    /// Whether the lag monitor should check reachability now (unreachable, or suspected).
+    /// Whether the lag monitor should check reachability now (unreachable, or suspected),
+    /// once the brokers answered a first time. Before that the source's connect loop reports
+    /// reachability: it also tells a rejected login or TLS handshake from brokers that cannot
+    /// be reached, which a timed-out metadata request here cannot.
     pub fn needs_check(&self) -> bool {
-        !self.is_connected() || self.suspect.load(Ordering::Relaxed)
+        (!self.is_connected() || self.suspect.load(Ordering::Relaxed)) && self.lock().ever
     }
 }
 
@@ -260,6 +263,19 @@ mod tests {
         assert!(
             down.error.unwrap_or_default().contains("Connection refused"),
             "the cause shows"
+        );
+    }
+
+    #[test]
+    fn before_the_first_connection_the_connect_loop_reports_and_the_monitor_does_not_check() {
+        let c = conn();
+        c.report("sasl_ssl://b:9094/bootstrap: SASL authentication error: invalid credentials");
+        assert!(!c.needs_check(), "the connect loop owns start-up reporting");
+        c.up();
+        c.report("b:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused");
+        assert!(
+            c.needs_check(),
+            "after the first connection the monitor confirms outages"
         );
     }
 
