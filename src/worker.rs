@@ -1,7 +1,13 @@
 //! Worker: runs one job (one record, or one batch) to the end.
 //!
-//! Deliver, classify each answer, then finish the record (2xx), dead-letter it (poison or
-//! retries exhausted), or wait and try again. A job ends only when every record in it is
+//! Each attempt goes through three stages, one file each:
+//! - [`admit`]: drop the records of revoked partitions, claim the idempotency keys (dedup),
+//!   wait for the circuit breaker and the rate limiter;
+//! - [`deliver`]: one request to the app;
+//! - [`settle`]: classify each answer, then finish the record (2xx), dead-letter it (poison
+//!   or retries exhausted), or wait and try again.
+//!
+//!  A job ends only when every record in it is
 //! finished, its partition was revoked, or shutdown's grace period ran out: a record is
 //! never dropped to make progress. With no DLQ configured, an exhausted record keeps being
 //! retried at the maximum backoff and blocks its lane.
@@ -22,16 +28,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-
-use admit::ClaimWait;
-
-mod admit;
-mod deliver;
-mod settle;
 
 use crate::breaker::Breaker;
 use crate::config::RetryConfig;
@@ -45,6 +43,12 @@ use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
 use crate::scheduler::JobRunner;
 use crate::telemetry::DeliverySpan;
+
+mod admit;
+mod deliver;
+mod settle;
+
+use admit::ClaimWait;
 
 /// Everything a job needs; shared by all jobs.
 pub struct Worker {
@@ -226,21 +230,9 @@ impl Worker {
                 continue;
             }
             attempt += 1;
-            // One key for the per-key rate limit; a batch of mixed keys is limited globally only.
-            let key = match sending.as_slice() {
-                [only] => only.record.key.as_deref(),
-                _ => None,
-            };
-            let gate_started = Instant::now();
-            let pass = self.pass_gates(key, sending.len() as u32).await;
-            // Deliver.
-            let reply = match pass {
-                Ok(pass) => {
-                    self.metrics
-                        .rate_limit_wait_seconds
-                        .inc_by(gate_started.elapsed().as_secs_f64());
-                    self.send(&sending, attempt, pass).await
-                }
+            // Admit: the breaker and the rate limiter. Deliver: the request.
+            let reply = match self.pass_gates(&sending).await {
+                Ok(pass) => self.send(&sending, attempt, pass).await,
                 Err(stopped) => Err(stopped),
             };
             let Ok(reply) = reply else {

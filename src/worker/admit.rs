@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::{keys, tp, Open, Stopped, Worker};
 use crate::breaker::Admission;
 use crate::config::RetryConfig;
@@ -180,19 +182,29 @@ impl Worker {
         }
     }
 
-    /// Waits until the breaker admits a request and the rate limiter grants a slot for `n`
-    /// records (of one `key`, for the per-key limit), or until shutdown's hard stop.
-    pub(super) async fn pass_gates(&self, key: Option<&[u8]>, n: u32) -> Result<Pass<'_>, Stopped> {
+    /// Waits until the breaker admits a request and the rate limiter grants a slot for
+    /// `sending`, or until shutdown's hard stop. The wait is counted in
+    /// `rate_limit_wait_seconds_total`.
+    pub(super) async fn pass_gates(&self, sending: &[Open<'_>]) -> Result<Pass<'_>, Stopped> {
+        // One key for the per-key rate limit; a batch of mixed keys is limited globally only.
+        let key = match sending {
+            [only] => only.record.key.as_deref(),
+            _ => None,
+        };
         let gates = async {
             let admission = self.breaker.wait_until_allowed().await;
-            let permit = self.limiter.acquire(key, n).await;
+            let permit = self.limiter.acquire(key, sending.len() as u32).await;
             Pass {
                 _admission: admission,
                 _permit: permit,
             }
         };
+        let started = Instant::now();
         tokio::select! {
-            pass = gates => Ok(pass),
+            pass = gates => {
+                self.metrics.rate_limit_wait_seconds.inc_by(started.elapsed().as_secs_f64());
+                Ok(pass)
+            }
             _ = self.hard_stop.cancelled() => Err(Stopped),
         }
     }

@@ -330,12 +330,14 @@ mod tests {
         )
     }
 
+    /// (verdict, failures before this attempt, breaker closed, dlq) and the step expected.
+    type Case = (Verdict, u32, bool, Option<&'static ()>, Step<'static, ()>);
+
     #[test]
     fn each_verdict_settles_retries_dead_letters_or_holds_its_record() {
         let counted = |after| Step::Retry { after, counted: true };
         let uncounted = |after| Step::Retry { after, counted: false };
-        // (verdict, failures before this attempt, breaker closed, dlq) → step
-        let table: Vec<(Verdict, u32, bool, Option<&()>, Step<'_, ()>)> = vec![
+        let table: Vec<Case> = vec![
             (Verdict::Success, 0, true, DLQ, Step::Delivered),
             (Verdict::Success, 2, false, NO_DLQ, Step::Delivered),
             // Poison: dead-lettered at once, whatever the breaker; held without a DLQ.
