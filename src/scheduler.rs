@@ -47,6 +47,8 @@ enum LaneKey {
 #[derive(Debug, Default)]
 struct Lane {
     queue: VecDeque<Record>,
+    /// Bytes of the records in `queue` (`Record::size`).
+    bytes: usize,
     busy: bool,
 }
 
@@ -89,8 +91,10 @@ pub struct Scheduler<R> {
     lanes: HashMap<LaneKey, Lane>,
     /// Lanes that are not busy and have queued records (may hold stale keys; checked on pop).
     ready: VecDeque<LaneKey>,
-    /// Records in ready lanes, and since when some have been waiting (batch linger).
+    /// Records (and their bytes) in ready lanes, and since when some have been waiting
+    /// (batch linger).
     ready_records: usize,
+    ready_bytes: usize,
     ready_since: Option<Instant>,
     running: usize,
     next_solo: u64,
@@ -106,6 +110,7 @@ impl<R: JobRunner> Scheduler<R> {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             ready_records: 0,
+            ready_bytes: 0,
             ready_since: None,
             running: 0,
             next_solo: 0,
@@ -157,20 +162,23 @@ impl<R: JobRunner> Scheduler<R> {
     fn on_record(&mut self, r: Record) {
         let key = self.lane_key(&r);
         let lane = self.lanes.entry(key.clone()).or_default();
+        let size = r.size();
         lane.queue.push_back(r);
+        lane.bytes += size;
         if !lane.busy {
             if lane.queue.len() == 1 {
                 self.ready.push_back(key);
             }
-            self.mark_ready(1);
+            self.mark_ready(1, size);
         }
     }
 
-    fn mark_ready(&mut self, n: usize) {
+    fn mark_ready(&mut self, n: usize, bytes: usize) {
         if self.ready_records == 0 && n > 0 {
             self.ready_since = Some(Instant::now());
         }
         self.ready_records += n;
+        self.ready_bytes += bytes;
     }
 
     fn on_done(&mut self, done: Done) {
@@ -181,33 +189,42 @@ impl<R: JobRunner> Scheduler<R> {
                 continue;
             };
             lane.busy = false;
-            let queued = lane.queue.len();
+            let (queued, bytes) = (lane.queue.len(), lane.bytes);
             if queued == 0 {
                 self.lanes.remove(&key);
             } else {
                 self.ready.push_back(key);
-                self.mark_ready(queued);
+                self.mark_ready(queued, bytes);
             }
         }
     }
 
     fn on_revoked(&mut self, tps: &[TopicPartition]) {
         let revoked: HashSet<(&str, i32)> = tps.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
-        let (mut records, mut bytes, mut unready) = (0, 0, 0);
+        let (mut records, mut bytes, mut unready, mut unready_bytes) = (0, 0, 0, 0);
         self.lanes.retain(|_, lane| {
+            let busy = lane.busy;
+            let mut lane_bytes = 0;
             lane.queue.retain(|r| {
                 let keep = !revoked.contains(&(&*r.topic, r.partition));
                 if !keep {
+                    let size = r.size();
                     records += 1;
-                    bytes += r.size();
-                    unready += usize::from(!lane.busy);
+                    bytes += size;
+                    lane_bytes += size;
+                    if !busy {
+                        unready += 1;
+                        unready_bytes += size;
+                    }
                 }
                 keep
             });
+            lane.bytes -= lane_bytes;
             lane.busy || !lane.queue.is_empty()
         });
         self.in_flight.release(records, bytes);
         self.ready_records -= unready;
+        self.ready_bytes -= unready_bytes;
         if records > 0 {
             tracing::info!(
                 records,
@@ -244,8 +261,10 @@ impl<R: JobRunner> Scheduler<R> {
             DeliveryMode::Single => (1, usize::MAX),
             DeliveryMode::Batch => {
                 let b = &self.settings.batch;
+                // Full (by records or by bytes): at once. Partial: after the linger.
                 let due = flush
                     || self.ready_records >= b.max_records
+                    || self.ready_bytes >= b.max_bytes.as_u64() as usize
                     || self.ready_since.is_some_and(|t| now >= t + b.linger);
                 if !due {
                     return None;
@@ -256,18 +275,22 @@ impl<R: JobRunner> Scheduler<R> {
         let mut job = Vec::new();
         let mut lanes = Vec::new();
         let mut bytes = 0;
-        while job.len() < max_records && bytes < max_bytes {
+        // At least one record, even over `max_bytes` (or with `max_bytes = 0`): never an empty job.
+        while job.len() < max_records && (bytes < max_bytes || job.is_empty()) {
             let Some(key) = self.pop_ready() else { break };
             let lane = self.lanes.get_mut(&key).expect("pop_ready returns live lanes");
             // The lane is busy from now on: its remaining records are no longer ready.
             self.ready_records -= lane.queue.len();
+            self.ready_bytes -= lane.bytes;
             lane.busy = true;
             // Single mode: one record per job. Batch mode: a lane's records in order.
             while job.len() < max_records && (bytes < max_bytes || job.is_empty()) {
                 let Some(r) = lane.queue.pop_front() else {
                     break;
                 };
-                bytes += r.size();
+                let size = r.size();
+                bytes += size;
+                lane.bytes -= size;
                 job.push(r);
                 if self.settings.mode == DeliveryMode::Single {
                     break;
@@ -357,6 +380,7 @@ mod tests {
     //! The scheduler driven by a fake runner on tokio's paused clock: a wedge shows up as the
     //! (virtual) hour-long timeout firing at once, not as a hanging test.
     use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::sync::Mutex;
 
     use super::*;
@@ -395,11 +419,32 @@ mod tests {
         /// Records given up on (dead-lettered, in the worker) after `max_panics`.
         given_up: Mutex<Vec<Id>>,
         max_panics: u32,
+        /// Jobs running now, and the most ever running at once.
+        active: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    /// Counts a running job in `Fake::active` until dropped (also when the job panics).
+    struct Active<'a>(&'a AtomicUsize);
+
+    impl<'a> Active<'a> {
+        fn new(active: &'a AtomicUsize, peak: &AtomicUsize) -> Self {
+            let now = active.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+            peak.fetch_max(now, AtomicOrdering::SeqCst);
+            Self(active)
+        }
+    }
+
+    impl Drop for Active<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, AtomicOrdering::SeqCst);
+        }
     }
 
     impl JobRunner for Fake {
         async fn run(&self, job: &[Record]) {
             let ids = ids(job);
+            let _active = Active::new(&self.active, &self.peak);
             self.started.lock().unwrap().push((ids.clone(), Instant::now()));
             if let Some(delay) = ids.iter().filter_map(|id| self.slow.get(id)).max() {
                 tokio::time::sleep(*delay).await;
@@ -439,15 +484,23 @@ mod tests {
     }
 
     fn start(fake: &Arc<Fake>, mode: DeliveryMode, workers: usize) -> Running {
-        let settings = Settings {
-            ordering: Ordering::Partition,
+        start_with(fake, settings(Ordering::Partition, mode, workers))
+    }
+
+    /// Settings with batches of at most 10 records (1 MiB, 20ms linger).
+    fn settings(ordering: Ordering, mode: DeliveryMode, workers: usize) -> Settings {
+        Settings {
+            ordering,
             mode,
             workers,
             batch: BatchConfig {
                 max_records: 10,
                 ..BatchConfig::default()
             },
-        };
+        }
+    }
+
+    fn start_with(fake: &Arc<Fake>, settings: Settings) -> Running {
         let in_flight = Arc::new(InFlight::default());
         let (tx, rx) = mpsc::channel(1000);
         let scheduler = Scheduler::new(settings, fake.clone(), in_flight.clone());
@@ -593,6 +646,256 @@ mod tests {
         let old_end = ended.iter().find(|(ids, _)| ids == &[(0, 0)]).unwrap().1;
         let new_start = started.iter().find(|(ids, _)| ids == &[(0, 1)]).unwrap().1;
         assert!(new_start >= old_end, "the lane stays ordered across the revoke");
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    fn keyed(partition: i32, offset: i64, key: Option<&'static str>) -> Record {
+        Record {
+            key: key.map(|k| Bytes::from_static(k.as_bytes())),
+            ..record(partition, offset)
+        }
+    }
+
+    fn sized(partition: i32, offset: i64, value_len: usize) -> Record {
+        Record {
+            value: Some(Bytes::from(vec![b'v'; value_len])),
+            ..record(partition, offset)
+        }
+    }
+
+    fn slow(ids: impl IntoIterator<Item = (Id, u64)>) -> HashMap<Id, Duration> {
+        ids.into_iter()
+            .map(|(id, ms)| (id, Duration::from_millis(ms)))
+            .collect()
+    }
+
+    impl Fake {
+        /// When the first job holding `id` started / ended.
+        fn start_of(&self, id: Id) -> Instant {
+            find(&self.started, id)
+        }
+
+        fn end_of(&self, id: Id) -> Instant {
+            find(&self.ended, id)
+        }
+
+        /// Sizes of the jobs started so far.
+        fn job_sizes(&self) -> Vec<usize> {
+            self.started().iter().map(Vec::len).collect()
+        }
+    }
+
+    fn find(log: &Mutex<Vec<(Vec<Id>, Instant)>>, id: Id) -> Instant {
+        let log = log.lock().unwrap();
+        log.iter()
+            .find(|(ids, _)| ids.contains(&id))
+            .unwrap_or_else(|| panic!("{id:?} not in {log:?}"))
+            .1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn key_lanes_keep_a_keys_records_in_order_and_run_other_keys_and_keyless_records_in_parallel() {
+        let fake = Arc::new(Fake {
+            slow: slow([
+                ((0, 0), 10_000),
+                ((0, 1), 10_000),
+                ((0, 2), 1_000),
+                ((0, 3), 10_000),
+                ((0, 4), 1_000),
+            ]),
+            ..Fake::default()
+        });
+        let t0 = Instant::now();
+        let s = start_with(&fake, settings(Ordering::Key, DeliveryMode::Single, 8));
+        s.send([
+            keyed(0, 0, Some("a")),
+            keyed(0, 1, Some("b")),
+            keyed(0, 2, Some("a")),
+            keyed(0, 3, None),
+            keyed(0, 4, None),
+            keyed(1, 0, Some("a")),
+        ])
+        .await;
+        let in_flight = s.finish().await;
+
+        for id in [(0, 0), (0, 1), (0, 3), (0, 4), (1, 0)] {
+            assert_eq!(fake.start_of(id), t0, "{id:?} started at once: its own lane");
+        }
+        assert_eq!(
+            fake.start_of((0, 2)),
+            fake.end_of((0, 0)),
+            "key a of partition 0 waits for the record before it, and no longer"
+        );
+        assert!(
+            fake.end_of((0, 4)) < fake.end_of((0, 3)),
+            "records without a key are not ordered"
+        );
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partition_lanes_run_a_partitions_records_in_order_and_partitions_in_parallel() {
+        let fake = Arc::new(Fake {
+            slow: slow([
+                ((0, 0), 10_000),
+                ((0, 1), 1_000),
+                ((0, 2), 1_000),
+                ((1, 0), 5_000),
+                ((1, 1), 1_000),
+            ]),
+            ..Fake::default()
+        });
+        let t0 = Instant::now();
+        let s = start_with(&fake, settings(Ordering::Partition, DeliveryMode::Single, 4));
+        // Different keys: partition ordering ignores them.
+        s.send([
+            keyed(0, 0, Some("a")),
+            keyed(0, 1, Some("b")),
+            keyed(1, 0, Some("a")),
+            keyed(0, 2, None),
+            keyed(1, 1, Some("c")),
+        ])
+        .await;
+        let in_flight = s.finish().await;
+
+        assert_eq!(fake.start_of((0, 0)), t0);
+        assert_eq!(fake.start_of((1, 0)), t0, "partitions run in parallel");
+        assert_eq!(fake.start_of((0, 1)), fake.end_of((0, 0)));
+        assert_eq!(fake.start_of((0, 2)), fake.end_of((0, 1)));
+        assert_eq!(fake.start_of((1, 1)), fake.end_of((1, 0)));
+        assert_eq!(fake.end_of((0, 2)) - t0, Duration::from_secs(12));
+        assert_eq!(
+            fake.peak.load(AtomicOrdering::SeqCst),
+            2,
+            "one job per partition at a time"
+        );
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_workers_jobs_run_at_once() {
+        let fake = Arc::new(Fake {
+            slow: slow((0..10).map(|o| ((0, o), 1_000))),
+            ..Fake::default()
+        });
+        let t0 = Instant::now();
+        let s = start_with(&fake, settings(Ordering::Unordered, DeliveryMode::Single, 3));
+        s.send((0..10).map(|o| record(0, o))).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.started().len(), 3, "three workers busy, seven records wait");
+        let in_flight = s.finish().await;
+
+        assert_eq!(fake.peak.load(AtomicOrdering::SeqCst), 3);
+        assert_eq!(fake.ended.lock().unwrap().len(), 10);
+        assert_eq!(
+            Instant::now() - t0,
+            Duration::from_secs(4),
+            "a freed worker takes the next record at once: 4 rounds of 3"
+        );
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_records_and_bytes_are_released_exactly_when_each_job_ends() {
+        let fake = Arc::new(Fake {
+            slow: slow([((0, 0), 10_000), ((0, 1), 10_000), ((1, 0), 30_000)]),
+            ..Fake::default()
+        });
+        let s = start(&fake, DeliveryMode::Single, 4);
+        let (a, b, c) = (sized(0, 0, 100), sized(0, 1, 200), sized(1, 0, 300));
+        let (a_size, b_size, c_size) = (a.size(), b.size(), c.size());
+        s.send([a, b, c]).await;
+
+        let expected = [
+            (5, (3, a_size + b_size + c_size), "all three held (0/1 queued)"),
+            (15, (2, b_size + c_size), "0/0 ended at 10s"),
+            (25, (1, c_size), "0/1 ended at 20s"),
+            (35, (0, 0), "1/0 ended at 30s"),
+        ];
+        let t0 = Instant::now();
+        for (at, counts, why) in expected {
+            tokio::time::sleep_until(t0 + Duration::from_secs(at)).await;
+            assert_eq!(s.in_flight.get(), counts, "at {at}s: {why}");
+        }
+        s.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once_and_a_partial_one_after_the_linger_not_before() {
+        let fake = Arc::new(Fake::default());
+        let t0 = Instant::now();
+        let s = start_with(&fake, settings(Ordering::Unordered, DeliveryMode::Batch, 4));
+        s.send((0..15).map(|o| record(0, o))).await;
+        let linger = BatchConfig::default().linger;
+
+        tokio::time::sleep(linger - Duration::from_millis(1)).await;
+        assert_eq!(fake.job_sizes(), [10], "the full batch of 10 went at once");
+        assert_eq!(fake.start_of((0, 0)), t0);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(fake.job_sizes(), [10, 5], "the partial batch went after the linger");
+        assert_eq!(fake.start_of((0, 14)), t0 + linger);
+        assert_eq!(s.finish().await.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_full_by_bytes_goes_at_once_and_holds_at_most_max_bytes() {
+        let fake = Arc::new(Fake::default());
+        let size = record(0, 0).size();
+        let mut settings = settings(Ordering::Unordered, DeliveryMode::Batch, 4);
+        settings.batch.max_bytes = bytesize::ByteSize::b(3 * size as u64);
+        let t0 = Instant::now();
+        let s = start_with(&fake, settings);
+        s.send((0..7).map(|o| record(0, o))).await;
+
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.job_sizes(), [3, 3], "two batches full by bytes went at once");
+        assert_eq!(fake.start_of((0, 3)), t0);
+        let in_flight = s.finish().await;
+        assert_eq!(fake.job_sizes(), [3, 3, 1], "the rest went at the end of input");
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_over_max_bytes_goes_alone_even_with_max_bytes_zero() {
+        let fake = Arc::new(Fake::default());
+        let mut settings = settings(Ordering::Unordered, DeliveryMode::Batch, 4);
+        settings.batch.max_bytes = bytesize::ByteSize::b(0);
+        let s = start_with(&fake, settings);
+        s.send((0..3).map(|o| record(0, o))).await;
+        let in_flight = s.finish().await;
+        assert_eq!(fake.job_sizes(), [1, 1, 1], "never an empty batch, never a wedge");
+        assert_eq!(in_flight.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoke_drops_the_revoked_records_of_a_lingering_batch() {
+        let fake = Arc::new(Fake::default());
+        let t0 = Instant::now();
+        let s = start(&fake, DeliveryMode::Batch, 4);
+        s.send([record(0, 0), record(0, 1), record(1, 0)]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.tx.send(Input::Revoked(vec![TopicPartition::new("t", 0)]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(s.in_flight.get(), (1, record(1, 0).size()), "released on revoke");
+        assert!(fake.started().is_empty(), "still lingering");
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(fake.started(), [vec![(1, 0)]], "only the kept record went");
+        assert_eq!(fake.start_of((1, 0)), t0 + BatchConfig::default().linger);
+        assert_eq!(s.finish().await.get(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_input_sends_a_partial_batch_without_waiting_for_the_linger() {
+        let fake = Arc::new(Fake::default());
+        let t0 = Instant::now();
+        let s = start(&fake, DeliveryMode::Batch, 4);
+        s.send([record(0, 0), record(0, 1), record(1, 0)]).await;
+        let in_flight = s.finish().await;
+        assert_eq!(fake.job_sizes(), [3]);
+        assert_eq!(fake.start_of((1, 0)), t0, "flushed at once");
         assert_eq!(in_flight.get(), (0, 0));
     }
 

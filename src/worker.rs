@@ -1,7 +1,13 @@
 //! Worker: runs one job (one record, or one batch) to the end.
 //!
-//! Deliver, classify each answer, then finish the record (2xx), dead-letter it (poison or
-//! retries exhausted), or wait and try again. A job ends only when every record in it is
+//! Each attempt goes through three stages, one file each:
+//! - [`admit`]: drop the records of revoked partitions, claim the idempotency keys (dedup),
+//!   wait for the circuit breaker and the rate limiter;
+//! - [`deliver`]: one request to the app;
+//! - [`settle`]: classify each answer, then finish the record (2xx), dead-letter it (poison
+//!   or retries exhausted), or wait and try again.
+//!
+//!  A job ends only when every record in it is
 //! finished, its partition was revoked, or shutdown's grace period ran out: a record is
 //! never dropped to make progress. With no DLQ configured, an exhausted record keeps being
 //! retried at the maximum backoff and blocks its lane.
@@ -22,23 +28,27 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::breaker::{counts_as_failure, Admission, Breaker, BreakerState};
+use crate::breaker::Breaker;
 use crate::config::RetryConfig;
-use crate::dedup::{derive_key, Decision, Gate, KeySource, OnError};
+use crate::dedup::{derive_key, Gate, KeySource};
 use crate::delivery::{AppClient, Outgoing};
 use crate::dlq::DeadLetters;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::pipeline::JobRunner;
-use crate::ratelimit::{Permit, RateLimiter};
+use crate::ratelimit::RateLimiter;
 use crate::record::Record;
-use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
+use crate::retry::{Backoff, ErrorInfo};
 use crate::telemetry::DeliverySpan;
+
+mod admit;
+mod deliver;
+mod settle;
+
+use admit::ClaimWait;
 
 /// Everything a job needs; shared by all jobs.
 pub struct Worker {
@@ -196,212 +206,48 @@ impl Worker {
         false
     }
 
+    /// The job's attempts, each through the stages in order: admit (the records still ours,
+    /// their keys claimed, the breaker and rate limiter passed), deliver (the request), settle
+    /// (each record delivered, dead-lettered, or kept for the next attempt after a wait).
     async fn run_inner<'a>(&self, open: &mut Vec<Open<'a>>) -> Result<(), Stopped> {
         let mut backoff = Backoff::from_config(&self.retry);
-        // Waiting for a key held elsewhere, or for the dedup store to answer.
-        let mut key_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        let mut store_backoff = Backoff::from_config(&self.retry);
-        let mut store_failures = 0u32;
+        let mut claim_wait = ClaimWait::new(&self.retry);
         let mut attempt = 0u32;
         loop {
-            // Work of a revoked partition belongs to its new owner now.
-            let (current, revoked): (Vec<_>, Vec<_>) = std::mem::take(open)
-                .into_iter()
-                .partition(|o| self.tracker.is_current(&tp(o.record), o.record.generation));
-            *open = current;
-            if let Some(gate) = &self.dedup {
-                gate.release(&keys(&revoked)).await;
-            }
-            for o in revoked {
-                o.span.end("revoked", attempt, None);
-            }
-            if let Some(gate) = &self.dedup {
-                match gate.claim(&keys(open)).await {
-                    Ok(decisions) => {
-                        store_failures = 0;
-                        store_backoff.reset();
-                        let mut kept = Vec::with_capacity(open.len());
-                        for (mut o, decision) in std::mem::take(open).into_iter().zip(decisions) {
-                            match decision {
-                                Decision::Duplicate => self.finish(o, attempt, "deduplicated", None),
-                                d => {
-                                    o.ready = d == Decision::Deliver;
-                                    kept.push(o);
-                                }
-                            }
-                        }
-                        *open = kept;
-                    }
-                    Err(e) if gate.on_error() == OnError::Deliver => {
-                        tracing::warn!(error = %e, records = open.len(), "dedup store unavailable; delivering without dedup (dedup.on_error = \"deliver\")");
-                        self.metrics.dedup_bypassed.inc_by(open.len() as u64);
-                        open.iter_mut().for_each(|o| o.ready = true);
-                    }
-                    Err(e) => {
-                        store_failures += 1;
-                        if store_failures == 1 || store_failures % 20 == 0 {
-                            tracing::warn!(error = %e, store = gate.target(), failures = store_failures, "dedup store unavailable; holding records until it answers (dedup.on_error = \"pause\")");
-                        }
-                        open.iter_mut().for_each(|o| o.ready = false);
-                    }
-                }
-            }
+            // Admit: which records go out now.
+            self.drop_revoked(open, attempt).await;
+            self.claim_keys(open, attempt, &mut claim_wait).await;
             if open.is_empty() {
                 return Ok(());
             }
-            let (mut sending, waiting): (Vec<_>, Vec<_>) = std::mem::take(open).into_iter().partition(|o| o.ready);
-            *open = waiting;
+            let mut sending = admit::take_ready(open, |o| o.ready);
             if sending.is_empty() {
-                let delay = if store_failures > 0 {
-                    store_backoff.next_delay().max(Duration::from_millis(50))
-                } else {
-                    key_backoff.next_delay()
-                };
-                self.sleep(delay).await?;
+                self.sleep(claim_wait.delay()).await?;
                 continue;
             }
-            // A request that can never be sent (single mode: metadata headers over
-            // app.max_header_bytes) is the record's fault; the app is not called.
-            let refusal = self.app.refusal(&outgoing(&sending));
-            if let Some(error) = refusal {
+            if let Some(error) = self.refusal(&sending) {
                 self.refuse(open, sending, attempt, error).await?;
                 continue;
             }
             attempt += 1;
-            let records: Vec<Outgoing<'_>> = sending
-                .iter()
-                .map(|o| Outgoing {
-                    record: o.record,
-                    trace: &o.trace,
-                    idempotency_key: &o.key,
-                })
-                .collect();
-            // One key for the per-key rate limit; a batch of mixed keys is limited globally only.
-            let key = match sending.as_slice() {
-                [only] => only.record.key.as_deref(),
-                _ => None,
+            // Admit: the breaker and the rate limiter. Deliver: the request.
+            let reply = match self.pass_gates(&sending).await {
+                Ok(pass) => self.send(&sending, attempt, pass).await,
+                Err(stopped) => Err(stopped),
             };
-            let gate_started = Instant::now();
-            let (admission, permit) = tokio::select! {
-                g = self.admit(key, sending.len() as u32) => g,
-                _ = self.hard_stop.cancelled() => {
-                    open.append(&mut sending);
-                    return Err(Stopped);
-                }
+            let Ok(reply) = reply else {
+                open.append(&mut sending);
+                return Err(Stopped);
             };
-            self.metrics
-                .rate_limit_wait_seconds
-                .inc_by(gate_started.elapsed().as_secs_f64());
-            self.metrics.batch_size.observe(sending.len() as f64);
-            let started = Instant::now();
-            let reply = tokio::select! {
-                r = self.app.send(&records, attempt) => r,
-                _ = self.hard_stop.cancelled() => {
-                    drop(records);
-                    open.append(&mut sending);
-                    return Err(Stopped);
-                }
-            };
-            drop(records);
-            self.metrics.observe_delivery(started.elapsed(), &reply.transport);
-            self.breaker.record(counts_as_failure(&reply.transport));
-            self.limiter.on_result(&reply.transport);
-            drop((admission, permit));
-            self.metrics.breaker_state.set(self.breaker.state().as_gauge());
-            self.metrics.concurrency_limit.set(self.limiter.current_limit() as i64);
-            // While the breaker is not closed the app is having an outage: failures then do not
-            // use up a record's attempts (nothing is dead-lettered because the app is down).
-            let counting = self.breaker.state() == BreakerState::Closed;
-            let verdicts: Vec<Verdict> = match &reply.per_record {
-                Some(statuses) => statuses
-                    .iter()
-                    .map(|&status| {
-                        classify(
-                            &Transport::Status {
-                                status,
-                                retry_after: None,
-                            },
-                            &self.retry.non_retryable_statuses,
-                        )
-                    })
-                    .collect(),
-                None => {
-                    vec![classify(&reply.transport, &self.retry.non_retryable_statuses); sending.len()]
-                }
-            };
-            let mut still_open = Vec::new();
-            let mut settled = Vec::new();
-            let mut wait: Option<Duration> = None;
-            let mut outage = None;
-            for (mut o, verdict) in sending.into_iter().zip(verdicts) {
-                let verdict = match verdict {
-                    Verdict::Retry(error, after) if !counting => Verdict::Busy(error, after),
-                    v => v,
-                };
-                match (verdict, self.dlq.as_ref()) {
-                    (Verdict::Success, _) => settled.push(Settled {
-                        open: o,
-                        outcome: "delivered",
-                        error: None,
-                    }),
-                    (Verdict::Poison(error), Some(dlq)) => {
-                        settled.push(self.dead_letter(dlq, o, attempt, &error).await?)
-                    }
-                    (Verdict::Retry(_, after), _) if o.failures + 1 < self.retry.max_attempts => {
-                        o.failures += 1;
-                        self.metrics.record_outcome(o.record, "retried");
-                        wait = wait.max(after);
-                        still_open.push(o);
-                    }
-                    (Verdict::Retry(error, _), Some(dlq)) => {
-                        o.failures += 1;
-                        let error = ErrorInfo::new(
-                            error.class,
-                            format!("{} (gave up after {} attempts)", error.message, o.failures),
-                        );
-                        settled.push(self.dead_letter(dlq, o, attempt, &error).await?);
-                    }
-                    (Verdict::Poison(error) | Verdict::Retry(error, _), None) => {
-                        // Nowhere safe to put it: keep trying slowly, blocking only its lane.
-                        o.failures += 1;
-                        if !o.exhausted_logged {
-                            o.exhausted_logged = true;
-                            tracing::error!(
-                                topic = %o.record.topic, partition = o.record.partition, offset = o.record.offset,
-                                error = %error.message, attempts = o.failures,
-                                "record cannot be delivered and no dead-letter topic is configured; \
-                                 it blocks its lane and is retried until the app accepts it"
-                            );
-                        }
-                        wait = Some(self.retry.max_backoff);
-                        still_open.push(o);
-                    }
-                    (Verdict::Busy(_, after), _) => {
-                        self.metrics.record_outcome(o.record, "retried");
-                        wait = wait.max(after);
-                        still_open.push(o);
-                    }
-                    (Verdict::Outage(error), _) => {
-                        outage = Some(error);
-                        still_open.push(o);
-                    }
-                }
-            }
-            open.append(&mut still_open);
-            self.settle(settled, attempt).await?;
+            // Settle.
+            let next = self.settle_reply(open, sending, &reply, attempt).await?;
             if open.is_empty() {
                 return Ok(());
             }
-            let delay = match outage {
-                Some(error) => {
-                    let delay = backoff.next_delay().max(Duration::from_millis(50));
-                    if attempt == 1 || attempt % 20 == 0 {
-                        tracing::warn!(error = %error.message, retry_in = ?delay, "app unreachable; holding records until it is back (nothing is dead-lettered)");
-                    }
-                    delay
-                }
-                None => wait.map_or_else(|| backoff.next_delay(), |w| w.min(self.retry.max_backoff)),
-            };
+            let delay = settle::retry_delay(&next, &mut backoff, self.retry.max_backoff);
+            if let (Some(error), true) = (&next.outage, attempt == 1 || attempt % 20 == 0) {
+                tracing::warn!(error = %error.message, retry_in = ?delay, "app unreachable; holding records until it is back (nothing is dead-lettered)");
+            }
             self.sleep(delay).await?;
         }
     }
@@ -411,129 +257,6 @@ impl Worker {
             _ = tokio::time::sleep(delay) => Ok(()),
             _ = self.hard_stop.cancelled() => Err(Stopped),
         }
-    }
-
-    /// Marks the keys of delivered and dead-lettered records done (one round trip), then
-    /// finishes the records, so that no offset is committed before its key is done. With
-    /// `dedup.on_error = "pause"` a failing store is retried until it answers.
-    async fn settle(&self, settled: Vec<Settled<'_>>, attempts: u32) -> Result<(), Stopped> {
-        if let (Some(gate), false) = (&self.dedup, settled.is_empty()) {
-            let items: Vec<(&Record, &str)> = settled.iter().map(|s| (s.open.record, s.open.key.as_str())).collect();
-            let mut backoff = Backoff::from_config(&self.retry);
-            let mut failures = 0u32;
-            loop {
-                match gate.done(&items).await {
-                    Ok(()) => break,
-                    Err(e) if gate.on_error() == OnError::Deliver => {
-                        tracing::warn!(error = %e, records = items.len(), "could not mark records done in the dedup store; a redelivery of them would not be caught");
-                        gate.forget(&items);
-                        break;
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        if failures == 1 || failures % 20 == 0 {
-                            tracing::warn!(error = %e, store = gate.target(), failures, "dedup store unavailable; records delivered but not yet marked done wait for it (their offsets are not committed)");
-                        }
-                        if self
-                            .sleep(backoff.next_delay().max(Duration::from_millis(50)))
-                            .await
-                            .is_err()
-                        {
-                            drop(items);
-                            for s in settled {
-                                s.open
-                                    .span
-                                    .end("abandoned", attempts, Some("shutdown grace period over"));
-                            }
-                            return Err(Stopped);
-                        }
-                    }
-                }
-            }
-        }
-        for s in settled {
-            self.finish(s.open, attempts, s.outcome, s.error.as_deref());
-        }
-        Ok(())
-    }
-
-    /// Waits until the breaker admits a request and the rate limiter grants a slot.
-    async fn admit(&self, key: Option<&[u8]>, n: u32) -> (Admission<'_>, Permit) {
-        let admission = self.breaker.wait_until_allowed().await;
-        let permit = self.limiter.acquire(key, n).await;
-        (admission, permit)
-    }
-
-    fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
-        let record = o.record;
-        if self.tracker.finish(&tp(record), record.offset, record.generation) {
-            self.metrics.record_finished(record, outcome);
-        }
-        o.span.end(outcome, attempts, error);
-    }
-
-    /// Records that cannot be sent at all: dead-lettered with `error`, or without a DLQ kept
-    /// in their lane (checked again every `retry.max_backoff`, like other poison). Counted
-    /// once per record as `records_total{outcome=<error class>}`.
-    async fn refuse<'a>(
-        &self,
-        open: &mut Vec<Open<'a>>,
-        sending: Vec<Open<'a>>,
-        attempts: u32,
-        error: ErrorInfo,
-    ) -> Result<(), Stopped> {
-        let mut settled = Vec::new();
-        let mut held = false;
-        for mut o in sending {
-            if !o.exhausted_logged {
-                self.metrics.record_outcome(o.record, &error.class);
-            }
-            match &self.dlq {
-                Some(dlq) => settled.push(self.dead_letter(dlq, o, attempts, &error).await?),
-                None => {
-                    if !o.exhausted_logged {
-                        tracing::error!(
-                            topic = %o.record.topic, partition = o.record.partition, offset = o.record.offset,
-                            error_class = %error.class, error = %error.message,
-                            "record cannot be sent and no dead-letter topic is configured; it blocks its lane"
-                        );
-                    }
-                    o.exhausted_logged = true;
-                    held = true;
-                    open.push(o);
-                }
-            }
-        }
-        self.settle(settled, attempts).await?;
-        if held {
-            self.sleep(self.retry.max_backoff).await?;
-        }
-        Ok(())
-    }
-
-    async fn dead_letter<'a>(
-        &self,
-        dlq: &DeadLetters,
-        o: Open<'a>,
-        attempts: u32,
-        error: &ErrorInfo,
-    ) -> Result<Settled<'a>, Stopped> {
-        let record = o.record;
-        tracing::warn!(
-            topic = %record.topic, partition = record.partition, offset = record.offset,
-            error_class = %error.class, error = %error.message, attempts,
-            "dead-lettering record"
-        );
-        let sent = dlq.send(record, attempts, error, &o.trace, &self.hard_stop).await;
-        if sent.is_err() {
-            o.span.end("abandoned", attempts, Some("shutdown grace period over"));
-            return Err(Stopped);
-        }
-        Ok(Settled {
-            open: o,
-            outcome: "dead_lettered",
-            error: Some(error.message.clone()),
-        })
     }
 }
 

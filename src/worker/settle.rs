@@ -1,0 +1,473 @@
+//! Settle: what each record's answer means, and acting on it.
+//!
+//! Each record's answer is classified ([`verdicts`]) and decided ([`decide`]): delivered,
+//! dead-lettered (poison, or out of attempts), tried again (counted against
+//! `retry.max_attempts` only while the breaker is closed: an outage or push-back never
+//! empties a topic into the DLQ), or held in its lane when there is no DLQ to put it in.
+//! Delivered and dead-lettered records have their idempotency keys marked done before they
+//! are finished, so no offset is committed before its key is done. The wait before the next
+//! attempt ([`retry_delay`]) is the outage probe, the app's `Retry-After`, or the backoff.
+
+use std::time::Duration;
+
+use super::{outgoing, tp, Open, Settled, Stopped, Worker};
+use crate::dedup::OnError;
+use crate::delivery::Reply;
+use crate::dlq::DeadLetters;
+use crate::record::Record;
+use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
+
+/// The shortest wait while the app is unreachable or the dedup store does not answer.
+const OUTAGE_RETRY_FLOOR: Duration = Duration::from_millis(50);
+
+/// The verdict on each of `n` records sent: from the per-record statuses of a batch answer,
+/// else the whole answer's.
+pub(super) fn verdicts(reply: &Reply, n: usize, non_retryable: &[u16]) -> Vec<Verdict> {
+    match &reply.per_record {
+        Some(statuses) => statuses
+            .iter()
+            .map(|&status| {
+                classify(
+                    &Transport::Status {
+                        status,
+                        retry_after: None,
+                    },
+                    non_retryable,
+                )
+            })
+            .collect(),
+        None => vec![classify(&reply.transport, non_retryable); n],
+    }
+}
+
+/// What happens to one record after an attempt. `D` is the dead-letter destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Step<'d, D> {
+    /// The app took it: mark its key done and finish it.
+    Delivered,
+    /// Dead-letter it with this error (poison, or out of attempts).
+    DeadLetter(&'d D, ErrorInfo),
+    /// Try again after `after` (the app's `Retry-After`) or the backoff. `counted`: this
+    /// used one of the record's attempts.
+    Retry { after: Option<Duration>, counted: bool },
+    /// It cannot be delivered and there is no DLQ: keep it, try again at the maximum backoff.
+    Hold(ErrorInfo),
+    /// The app is unreachable: wait for it, not counted.
+    Outage(ErrorInfo),
+}
+
+/// Decides one record's step from its verdict, the failed attempts it has used before this
+/// one, and whether the breaker is closed (while it is not, the app is having an outage:
+/// failures do not use up attempts). Pure.
+pub(super) fn decide<D>(
+    verdict: Verdict,
+    failures: u32,
+    max_attempts: u32,
+    breaker_closed: bool,
+    dlq: Option<&D>,
+) -> Step<'_, D> {
+    let verdict = match verdict {
+        Verdict::Retry(error, after) if !breaker_closed => Verdict::Busy(error, after),
+        v => v,
+    };
+    match (verdict, dlq) {
+        (Verdict::Success, _) => Step::Delivered,
+        (Verdict::Poison(error), Some(dlq)) => Step::DeadLetter(dlq, error),
+        (Verdict::Retry(_, after), _) if failures + 1 < max_attempts => Step::Retry { after, counted: true },
+        (Verdict::Retry(error, _), Some(dlq)) => {
+            let message = format!("{} (gave up after {} attempts)", error.message, failures + 1);
+            Step::DeadLetter(dlq, ErrorInfo::new(error.class, message))
+        }
+        (Verdict::Poison(error) | Verdict::Retry(error, _), None) => Step::Hold(error),
+        (Verdict::Busy(_, after), _) => Step::Retry { after, counted: false },
+        (Verdict::Outage(error), _) => Step::Outage(error),
+    }
+}
+
+/// What the records kept open after an attempt ask of the wait before the next one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct NextTry {
+    /// The longest `Retry-After` asked (`retry.max_backoff` for a held record).
+    pub wait: Option<Duration>,
+    /// The app was unreachable.
+    pub outage: Option<ErrorInfo>,
+}
+
+impl NextTry {
+    pub(super) fn note<D>(&mut self, step: &Step<'_, D>, max_backoff: Duration) {
+        match step {
+            Step::Delivered | Step::DeadLetter(..) => {}
+            Step::Retry { after, .. } => self.wait = self.wait.max(*after),
+            Step::Hold(_) => self.wait = self.wait.max(Some(max_backoff)),
+            Step::Outage(error) => self.outage = Some(error.clone()),
+        }
+    }
+}
+
+/// The wait before the next attempt: an outage probes with the backoff (at least
+/// [`OUTAGE_RETRY_FLOOR`]), else the longest `Retry-After` (at most `max_backoff`) and
+/// without one the backoff.
+pub(super) fn retry_delay(next: &NextTry, backoff: &mut Backoff, max_backoff: Duration) -> Duration {
+    match (&next.outage, next.wait) {
+        (Some(_), _) => backoff.next_delay().max(OUTAGE_RETRY_FLOOR),
+        (None, Some(wait)) => wait.min(max_backoff),
+        (None, None) => backoff.next_delay(),
+    }
+}
+
+impl Worker {
+    /// Acts on the app's answer to `sending`: delivered and dead-lettered records are settled,
+    /// the others go back to `open`. Returns what they ask of the wait before the next attempt.
+    pub(super) async fn settle_reply<'a>(
+        &self,
+        open: &mut Vec<Open<'a>>,
+        sending: Vec<Open<'a>>,
+        reply: &Reply,
+        attempt: u32,
+    ) -> Result<NextTry, Stopped> {
+        let breaker_closed = self.breaker.state() == crate::breaker::BreakerState::Closed;
+        let verdicts = verdicts(reply, sending.len(), &self.retry.non_retryable_statuses);
+        let mut still_open = Vec::new();
+        let mut settled = Vec::new();
+        let mut next = NextTry::default();
+        for (mut o, verdict) in sending.into_iter().zip(verdicts) {
+            let step = decide(
+                verdict,
+                o.failures,
+                self.retry.max_attempts,
+                breaker_closed,
+                self.dlq.as_ref(),
+            );
+            next.note(&step, self.retry.max_backoff);
+            match step {
+                Step::Delivered => settled.push(Settled {
+                    open: o,
+                    outcome: "delivered",
+                    error: None,
+                }),
+                Step::DeadLetter(dlq, error) => settled.push(self.dead_letter(dlq, o, attempt, &error).await?),
+                Step::Retry { counted, .. } => {
+                    o.failures += u32::from(counted);
+                    self.metrics.record_outcome(o.record, "retried");
+                    still_open.push(o);
+                }
+                Step::Hold(error) => {
+                    // Nowhere safe to put it: keep trying slowly, blocking only its lane.
+                    o.failures += 1;
+                    if !o.exhausted_logged {
+                        o.exhausted_logged = true;
+                        tracing::error!(
+                            topic = %o.record.topic, partition = o.record.partition, offset = o.record.offset,
+                            error = %error.message, attempts = o.failures,
+                            "record cannot be delivered and no dead-letter topic is configured; \
+                             it blocks its lane and is retried until the app accepts it"
+                        );
+                    }
+                    still_open.push(o);
+                }
+                Step::Outage(_) => still_open.push(o),
+            }
+        }
+        open.append(&mut still_open);
+        self.settle(settled, attempt).await?;
+        Ok(next)
+    }
+
+    /// Marks the keys of delivered and dead-lettered records done (one round trip), then
+    /// finishes the records, so that no offset is committed before its key is done. With
+    /// `dedup.on_error = "pause"` a failing store is retried until it answers.
+    pub(super) async fn settle(&self, settled: Vec<Settled<'_>>, attempts: u32) -> Result<(), Stopped> {
+        if let (Some(gate), false) = (&self.dedup, settled.is_empty()) {
+            let items: Vec<(&Record, &str)> = settled.iter().map(|s| (s.open.record, s.open.key.as_str())).collect();
+            let mut backoff = Backoff::from_config(&self.retry);
+            let mut failures = 0u32;
+            loop {
+                match gate.done(&items).await {
+                    Ok(()) => break,
+                    Err(e) if gate.on_error() == OnError::Deliver => {
+                        tracing::warn!(error = %e, records = items.len(), "could not mark records done in the dedup store; a redelivery of them would not be caught");
+                        gate.forget(&items);
+                        break;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures % 20 == 0 {
+                            tracing::warn!(error = %e, store = gate.target(), failures, "dedup store unavailable; records delivered but not yet marked done wait for it (their offsets are not committed)");
+                        }
+                        if self.sleep(backoff.next_delay().max(OUTAGE_RETRY_FLOOR)).await.is_err() {
+                            drop(items);
+                            for s in settled {
+                                s.open
+                                    .span
+                                    .end("abandoned", attempts, Some("shutdown grace period over"));
+                            }
+                            return Err(Stopped);
+                        }
+                    }
+                }
+            }
+        }
+        for s in settled {
+            self.finish(s.open, attempts, s.outcome, s.error.as_deref());
+        }
+        Ok(())
+    }
+
+    /// Finishes a record: its offset may be committed.
+    pub(super) fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
+        let record = o.record;
+        if self.tracker.finish(&tp(record), record.offset, record.generation) {
+            self.metrics.record_finished(record, outcome);
+        }
+        o.span.end(outcome, attempts, error);
+    }
+
+    /// A request that can never be sent (single mode: metadata headers over
+    /// `app.max_header_bytes`) is the record's fault; the app is not called. `Some(error)`
+    /// when `sending` is such a request.
+    pub(super) fn refusal(&self, sending: &[Open<'_>]) -> Option<ErrorInfo> {
+        self.app.refusal(&outgoing(sending))
+    }
+
+    /// Records that cannot be sent at all: dead-lettered with `error`, or without a DLQ kept
+    /// in their lane (checked again every `retry.max_backoff`, like other poison). Counted
+    /// once per record as `records_total{outcome=<error class>}`.
+    pub(super) async fn refuse<'a>(
+        &self,
+        open: &mut Vec<Open<'a>>,
+        sending: Vec<Open<'a>>,
+        attempts: u32,
+        error: ErrorInfo,
+    ) -> Result<(), Stopped> {
+        let mut settled = Vec::new();
+        let mut held = false;
+        for mut o in sending {
+            if !o.exhausted_logged {
+                self.metrics.record_outcome(o.record, &error.class);
+            }
+            match &self.dlq {
+                Some(dlq) => settled.push(self.dead_letter(dlq, o, attempts, &error).await?),
+                None => {
+                    if !o.exhausted_logged {
+                        tracing::error!(
+                            topic = %o.record.topic, partition = o.record.partition, offset = o.record.offset,
+                            error_class = %error.class, error = %error.message,
+                            "record cannot be sent and no dead-letter topic is configured; it blocks its lane"
+                        );
+                    }
+                    o.exhausted_logged = true;
+                    held = true;
+                    open.push(o);
+                }
+            }
+        }
+        self.settle(settled, attempts).await?;
+        if held {
+            self.sleep(self.retry.max_backoff).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn dead_letter<'a>(
+        &self,
+        dlq: &DeadLetters,
+        o: Open<'a>,
+        attempts: u32,
+        error: &ErrorInfo,
+    ) -> Result<Settled<'a>, Stopped> {
+        let record = o.record;
+        tracing::warn!(
+            topic = %record.topic, partition = record.partition, offset = record.offset,
+            error_class = %error.class, error = %error.message, attempts,
+            "dead-lettering record"
+        );
+        let sent = dlq.send(record, attempts, error, &o.trace, &self.hard_stop).await;
+        if sent.is_err() {
+            o.span.end("abandoned", attempts, Some("shutdown grace period over"));
+            return Err(Stopped);
+        }
+        Ok(Settled {
+            open: o,
+            outcome: "dead_lettered",
+            error: Some(error.message.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DLQ: Option<&()> = Some(&());
+    const NO_DLQ: Option<&()> = None;
+    const MAX: u32 = 3;
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn error(class: &str) -> ErrorInfo {
+        ErrorInfo::new(class, format!("{class} happened"))
+    }
+
+    fn poison() -> Verdict {
+        Verdict::Poison(error("http_422"))
+    }
+
+    fn retry(after: Option<Duration>) -> Verdict {
+        Verdict::Retry(error("http_500"), after)
+    }
+
+    fn busy(after: Option<Duration>) -> Verdict {
+        Verdict::Busy(error("http_503"), after)
+    }
+
+    fn outage() -> Verdict {
+        Verdict::Outage(error("unreachable"))
+    }
+
+    fn exhausted(attempts: u32) -> ErrorInfo {
+        ErrorInfo::new(
+            "http_500",
+            format!("http_500 happened (gave up after {attempts} attempts)"),
+        )
+    }
+
+    /// (verdict, failures before this attempt, breaker closed, dlq) and the step expected.
+    type Case = (Verdict, u32, bool, Option<&'static ()>, Step<'static, ()>);
+
+    #[test]
+    fn each_verdict_settles_retries_dead_letters_or_holds_its_record() {
+        let counted = |after| Step::Retry { after, counted: true };
+        let uncounted = |after| Step::Retry { after, counted: false };
+        let table: Vec<Case> = vec![
+            (Verdict::Success, 0, true, DLQ, Step::Delivered),
+            (Verdict::Success, 2, false, NO_DLQ, Step::Delivered),
+            // Poison: dead-lettered at once, whatever the breaker; held without a DLQ.
+            (poison(), 0, true, DLQ, Step::DeadLetter(&(), error("http_422"))),
+            (poison(), 0, false, DLQ, Step::DeadLetter(&(), error("http_422"))),
+            (poison(), 0, true, NO_DLQ, Step::Hold(error("http_422"))),
+            // Retryable: counted while attempts are left, then dead-lettered (or held).
+            (retry(None), 0, true, DLQ, counted(None)),
+            (retry(Some(SECOND)), 1, true, DLQ, counted(Some(SECOND))),
+            (retry(None), 2, true, DLQ, Step::DeadLetter(&(), exhausted(3))),
+            (retry(None), 7, true, DLQ, Step::DeadLetter(&(), exhausted(8))),
+            (retry(None), 1, true, NO_DLQ, counted(None)),
+            (retry(None), 2, true, NO_DLQ, Step::Hold(error("http_500"))),
+            // The breaker not closed: the app has an outage, nothing is counted or dead-lettered.
+            (retry(Some(SECOND)), 2, false, DLQ, uncounted(Some(SECOND))),
+            (retry(None), 9, false, NO_DLQ, uncounted(None)),
+            // Push-back and outages never count and never dead-letter.
+            (busy(Some(SECOND)), 2, true, DLQ, uncounted(Some(SECOND))),
+            (busy(None), 9, true, NO_DLQ, uncounted(None)),
+            (outage(), 2, true, DLQ, Step::Outage(error("unreachable"))),
+            (outage(), 9, false, NO_DLQ, Step::Outage(error("unreachable"))),
+        ];
+        for (verdict, failures, closed, dlq, expected) in table {
+            let case = format!(
+                "{verdict:?}, failures {failures}, breaker closed {closed}, dlq {}",
+                dlq.is_some()
+            );
+            assert_eq!(decide(verdict, failures, MAX, closed, dlq), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_batch_answer_is_classified_per_record_else_as_a_whole() {
+        let non_retryable = [422];
+        let per_record = Reply {
+            transport: Transport::Status {
+                status: 200,
+                retry_after: None,
+            },
+            per_record: Some(vec![200, 422, 500]),
+        };
+        let v = verdicts(&per_record, 3, &non_retryable);
+        assert!(
+            matches!(v[..], [Verdict::Success, Verdict::Poison(_), Verdict::Retry(_, None)]),
+            "{v:?}"
+        );
+
+        let whole = Reply {
+            transport: Transport::Status {
+                status: 503,
+                retry_after: Some(SECOND),
+            },
+            per_record: None,
+        };
+        let v = verdicts(&whole, 2, &non_retryable);
+        assert_eq!(v.len(), 2);
+        assert!(
+            v.iter()
+                .all(|v| matches!(v, Verdict::Busy(e, Some(d)) if e.class == "http_503" && *d == SECOND)),
+            "{v:?}"
+        );
+    }
+
+    fn next_try(steps: &[Step<'_, ()>]) -> NextTry {
+        let mut next = NextTry::default();
+        for step in steps {
+            next.note(step, Duration::from_secs(30));
+        }
+        next
+    }
+
+    #[test]
+    fn the_records_kept_open_ask_for_the_longest_retry_after_or_the_max_backoff_when_held() {
+        let retry = |after| Step::Retry { after, counted: true };
+        assert_eq!(next_try(&[Step::Delivered, retry(None)]), NextTry::default());
+        assert_eq!(
+            next_try(&[retry(Some(SECOND)), retry(None), retry(Some(2 * SECOND))]).wait,
+            Some(2 * SECOND)
+        );
+        let held = Step::Hold(error("http_422"));
+        for steps in [
+            [retry(Some(60 * SECOND)), held.clone()],
+            [held.clone(), retry(Some(SECOND))],
+        ] {
+            let next = next_try(&steps);
+            assert!(next.wait >= Some(30 * SECOND), "at least the max backoff: {next:?}");
+            let delay = retry_delay(&next, &mut Backoff::new(SECOND, SECOND), 30 * SECOND);
+            assert_eq!(
+                delay,
+                30 * SECOND,
+                "a held record waits the max backoff, whatever the order"
+            );
+        }
+        let next = next_try(&[retry(Some(SECOND)), Step::Outage(error("unreachable")), held]);
+        assert_eq!(next.outage, Some(error("unreachable")));
+    }
+
+    #[test]
+    fn the_next_wait_is_the_outage_probe_else_retry_after_else_the_backoff() {
+        let max = Duration::from_secs(30);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(10));
+        let outage = NextTry {
+            wait: Some(SECOND),
+            outage: Some(error("unreachable")),
+        };
+        assert_eq!(
+            retry_delay(&outage, &mut backoff, max),
+            OUTAGE_RETRY_FLOOR,
+            "the backoff, floored"
+        );
+
+        let mut backoff = Backoff::new(SECOND, max);
+        let asked = NextTry {
+            wait: Some(2 * SECOND),
+            outage: None,
+        };
+        assert_eq!(retry_delay(&asked, &mut backoff, max), 2 * SECOND);
+        assert_eq!(backoff.ceiling(), SECOND, "Retry-After does not step the backoff");
+        let too_long = NextTry {
+            wait: Some(3600 * SECOND),
+            outage: None,
+        };
+        assert_eq!(
+            retry_delay(&too_long, &mut backoff, max),
+            max,
+            "capped at retry.max_backoff"
+        );
+
+        let delay = retry_delay(&NextTry::default(), &mut backoff, max);
+        assert!(delay <= SECOND, "{delay:?}");
+        assert_eq!(backoff.ceiling(), 2 * SECOND, "the backoff stepped");
+    }
+}
