@@ -499,6 +499,12 @@ impl Config {
         if self.batch.max_records == 0 {
             bad("batch.max_records", "must be at least 1");
         }
+        if self.batch.max_bytes.as_u64() == 0 {
+            bad(
+                "batch.max_bytes",
+                "must be at least 1 byte (a record larger than it still goes alone)",
+            );
+        }
         if self.retry.max_attempts == 0 {
             bad("retry.max_attempts", "must be at least 1");
         }
@@ -991,6 +997,12 @@ mod tests {
         let toml = format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
         let keys = keys(load(&toml, &[]).unwrap_err());
         assert_eq!(keys, vec!["retry.max_attempts", "retry.non_retryable_statuses"]);
+    }
+
+    #[test]
+    fn an_empty_batch_byte_limit_is_refused() {
+        let toml = format!("{MINIMAL}\n[batch]\nmax_bytes = \"0B\"\n");
+        assert_eq!(keys(load(&toml, &[]).unwrap_err()), vec!["batch.max_bytes"]);
     }
 
     #[test]
