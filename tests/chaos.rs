@@ -111,25 +111,8 @@ impl Stream {
                         _ => format!("r{i}"),
                     };
                     let key = format!("k{}", i % 40);
-                    let mut rec = BaseRecord::to(&topic).key(&key).payload(&value);
-                    loop {
-                        match producer.send(rec) {
-                            Ok(()) => break,
-                            Err((e, back)) => {
-                                assert!(
-                                    matches!(
-                                        e,
-                                        rdkafka::error::KafkaError::MessageProduction(
-                                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                                        )
-                                    ),
-                                    "produce failed: {e}"
-                                );
-                                rec = back;
-                                producer.poll(Duration::from_millis(20));
-                            }
-                        }
-                    }
+                    let rec = BaseRecord::to(&topic).key(&key).payload(&value);
+                    send_when_queue_has_room(&producer, rec, Duration::from_millis(20));
                     i += 1;
                     n.store(i, Ordering::Relaxed);
                 }

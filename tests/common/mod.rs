@@ -205,30 +205,42 @@ pub async fn produce_to(brokers: &str, topic: &str, records: Vec<Out>) {
             if let Some(p) = r.partition {
                 rec = rec.partition(p);
             }
-            let mut rec = rec;
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((e, back)) => {
-                        assert!(
-                            matches!(
-                                e,
-                                rdkafka::error::KafkaError::MessageProduction(
-                                    rdkafka::types::RDKafkaErrorCode::QueueFull
-                                )
-                            ),
-                            "produce failed: {e}"
-                        );
-                        rec = back;
-                        producer.poll(Duration::from_millis(50));
-                    }
-                }
-            }
+            send_when_queue_has_room(&producer, rec, Duration::from_millis(50));
         }
         producer.flush(Duration::from_secs(120)).expect("flush");
     })
     .await
     .unwrap();
+}
+
+/// Sends a record, waiting (`wait` at a time, serving delivery reports) while the producer's
+/// local queue is full; any other error fails the test.
+pub fn send_when_queue_has_room<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
+    mut rec: BaseRecord<
+        '_,
+        impl rdkafka::message::ToBytes + ?Sized,
+        impl rdkafka::message::ToBytes + ?Sized,
+        C::DeliveryOpaque,
+    >,
+    wait: Duration,
+) {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return,
+            Err((e, back)) => {
+                assert!(
+                    matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ),
+                    "produce failed: {e}"
+                );
+                rec = back;
+                producer.poll(wait);
+            }
+        }
+    }
 }
 
 /// A record given as raw bytes: header names need not be UTF-8, anything may be null.
