@@ -278,7 +278,8 @@ impl<R: JobRunner> Scheduler<R> {
         // At least one record, even over `max_bytes` (or with `max_bytes = 0`): never an empty job.
         while job.len() < max_records && (bytes < max_bytes || job.is_empty()) {
             let Some(key) = self.pop_ready() else { break };
-            let lane = self.lanes.get_mut(&key).expect("pop_ready returns live lanes");
+            // pop_ready returns live lanes only; a missing one would just be skipped.
+            let Some(lane) = self.lanes.get_mut(&key) else { continue };
             // The lane is busy from now on: its remaining records are no longer ready.
             self.ready_records -= lane.queue.len();
             self.ready_bytes -= lane.bytes;
