@@ -98,7 +98,10 @@ impl Connectivity {
 
     /// A broker answered. Logs the change once.
     pub fn up(&self) {
-        self.suspect.store(false, Ordering::Relaxed);
+        // Called for every record read: only read the shared flags on the way through.
+        if self.suspect.load(Ordering::Relaxed) {
+            self.suspect.store(false, Ordering::Relaxed);
+        }
         if self.is_connected() {
             return;
         }
