@@ -8,8 +8,9 @@
 #
 # On a fresh machine most of the time goes into compiling, so:
 # - the packaging tools (helm, which tests/packaging.rs needs too, and hadolint,
-#   kubernetes-validate, checkov) are installed by `scripts/check-packaging.sh --tools` in the
-#   background, while the environment comes up and cargo builds;
+#   kubernetes-validate, checkov) are installed by `scripts/check-packaging.sh --tools`, and
+#   Jaeger (tests/jaeger.rs) is built by `scripts/jaeger.sh build` (cached after the first run),
+#   in the background, while the environment comes up and cargo builds;
 # - the tests are built and run in the release profile, so that the Docker build step of
 #   scripts/check-packaging.sh (the Dockerfile's `cargo build --release --locked`) reuses that
 #   build instead of compiling every dependency a third time (clippy's check, debug, release).
@@ -31,7 +32,14 @@ tools_log="$CACHE/test-tools.log"
 # Its own session, so that an early exit can stop the whole install (go, pip) and not only bash.
 setsid bash scripts/check-packaging.sh --tools >"$tools_log" 2>&1 </dev/null &
 tools_pid=$!
-stop_tools() { [[ -z $tools_pid ]] || kill -- "-$tools_pid" 2>/dev/null || true; }
+# Jaeger for tests/jaeger.rs (built from source once, ~4 min, then cached: scripts/jaeger.sh).
+jaeger_log="$CACHE/jaeger-build.log"
+setsid bash scripts/jaeger.sh build >"$jaeger_log" 2>&1 </dev/null &
+jaeger_pid=$!
+stop_tools() {
+  [[ -z $tools_pid ]] || kill -- "-$tools_pid" 2>/dev/null || true
+  [[ -z $jaeger_pid ]] || kill -- "-$jaeger_pid" 2>/dev/null || true
+}
 trap stop_tools EXIT
 tools_ready() {
   [[ -n $tools_pid ]] || return 0
@@ -44,6 +52,15 @@ tools_ready() {
   fi
   tools_pid=""
   sed 's/^/  /' "$tools_log"
+  step "waiting for Jaeger (scripts/jaeger.sh build)"
+  if ! wait "$jaeger_pid"; then
+    jaeger_pid=""
+    cat "$jaeger_log" >&2
+    echo "test: building Jaeger failed (log: $jaeger_log)" >&2
+    exit 1
+  fi
+  jaeger_pid=""
+  sed 's/^/  /' "$jaeger_log"
 }
 
 step "environment (scripts/env.sh up)"

@@ -323,13 +323,19 @@ impl DeadLetters {
         }))
     }
 
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Whether dead-lettering works (for `/readyz` and `/status`).
     pub fn health(&self) -> Arc<DlqHealth> {
         self.health.clone()
     }
 
     /// Writes a record to the DLQ, retrying until the broker acknowledges it (see the module
-    /// docs for what happens to a record too large for the DLQ topic).
+    /// docs for what happens to a record too large for the DLQ topic). Returns the dead
+    /// letter's `(partition, offset)` in the DLQ topic.
     pub async fn send(
         &self,
         record: &Record,
@@ -337,7 +343,7 @@ impl DeadLetters {
         error: &ErrorInfo,
         trace: &HashMap<String, String>,
         hard_stop: &CancellationToken,
-    ) -> Result<(), Interrupted> {
+    ) -> Result<(i32, i64), Interrupted> {
         let mut shape = Shape::Full;
         let mut blocked = Blocked {
             health: &self.health,
@@ -359,9 +365,9 @@ impl DeadLetters {
                 _ = hard_stop.cancelled() => return Err(Interrupted),
             };
             let e = match sent {
-                Ok(_) => {
+                Ok(delivery) => {
                     self.written(record, shape, blocked);
-                    return Ok(());
+                    return Ok((delivery.partition, delivery.offset));
                 }
                 Err((e, _)) => e,
             };

@@ -106,17 +106,33 @@ async fn watch_signals(shutdown: CancellationToken) {
     }
 }
 
+/// Logs to stderr, scrubbed of secrets. JSON lines written inside a delivery carry its
+/// `trace_id` and `span_id` (see `telemetry::logs`); text lines show them in the span prefix.
 fn init_logging(cfg: &Config) {
+    use kafka_sidecar::telemetry::logs::{JsonWithTraceIds, TraceIdLayer};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(redact::StderrWriter);
+    let registry = tracing_subscriber::registry().with(filter);
     match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(TraceIdLayer)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .event_format(JsonWithTraceIds::new(tracing_subscriber::fmt::format().json()))
+                    .with_writer(redact::StderrWriter),
+            )
+            .init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(redact::StderrWriter),
+            )
+            .init(),
     }
 }

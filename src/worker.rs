@@ -109,7 +109,8 @@ impl Worker {
     /// Delivers a job; returns when every record is finished or abandoned.
     pub async fn deliver(&self, job: &[Record]) {
         let mut open: Vec<Open<'_>> = job.iter().map(|record| self.open(record)).collect();
-        // Log lines of this job carry the (first) record's coordinates and trace id.
+        // Log lines of this job carry the (first) record's coordinates, trace id and delivery span
+        // id (`trace_id`/`span_id`, top-level fields of JSON lines: see `logging`).
         let first = &job[0];
         let log_span = tracing::info_span!(
             "delivery",
@@ -118,6 +119,7 @@ impl Worker {
             offset = first.offset,
             records = job.len(),
             trace_id = %open[0].span.trace_id(),
+            span_id = %open[0].span.span_id(),
         );
         if self.run_inner(&mut open).instrument(log_span).await.is_err() {
             for o in open {

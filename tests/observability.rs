@@ -341,7 +341,12 @@ async fn a_record_traceparent_parents_the_delivery_span_and_reaches_the_app() {
     assert_eq!(attrs["messaging.destination.partition.id"], "0");
     assert_eq!(attrs["messaging.kafka.offset"], "0");
     assert_eq!(attrs["messaging.consumer.group.name"], cfg.group);
-    assert_eq!(attrs["messaging.kafka.sidecar.attempts"], "1");
+    assert_eq!(attrs["messaging.operation.type"], "process");
+    assert_eq!(attrs["messaging.operation.name"], "process");
+    assert_eq!(attrs["messaging.kafka.message.key"], "k");
+    assert_eq!(attrs["kafka_sidecar.delivery.attempts"], "1");
+    assert_eq!(attrs["kafka_sidecar.delivery.outcome"], "delivered");
+    assert_eq!(span["name"], format!("process {topic}"));
     let span_id = span["spanId"].as_str().unwrap();
     assert_eq!(
         sent,

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::{outgoing, tp, Open, Settled, Stopped, Worker};
 use crate::dedup::OnError;
 use crate::delivery::Reply;
@@ -276,16 +278,30 @@ impl Worker {
         error: &ErrorInfo,
     ) -> Result<Settled<'a>, Stopped> {
         let record = o.record;
+        // Lines logged here carry this record's trace and delivery span (in a batch, the
+        // job's span names only the first record's).
+        let log_span = tracing::info_span!("record", trace_id = %o.span.trace_id(), span_id = %o.span.span_id());
+        let entered = log_span.enter();
         tracing::warn!(
             topic = %record.topic, partition = record.partition, offset = record.offset,
             error_class = %error.class, error = %error.message, attempts,
             "dead-lettering record"
         );
-        let sent = dlq.send(record, attempts, error, &o.trace, &self.hard_stop).await;
-        if sent.is_err() {
+        o.span.set_error_class(&error.class);
+        let send_span = o.span.dead_letter(dlq.topic());
+        let send_trace = send_span.headers();
+        let trace = send_trace.as_ref().unwrap_or(&o.trace);
+        drop(entered);
+        let sent = dlq
+            .send(record, attempts, error, trace, &self.hard_stop)
+            .instrument(log_span)
+            .await;
+        let Ok(written) = sent else {
+            send_span.end(Err("shutdown"));
             o.span.end("abandoned", attempts, Some("shutdown grace period over"));
             return Err(Stopped);
-        }
+        };
+        send_span.end(Ok(written));
         Ok(Settled {
             open: o,
             outcome: "dead_lettered",
