@@ -28,7 +28,7 @@ case "${1:-}" in
       echo "$BIN"
       exit 0
     fi
-    command -v go >/dev/null || { echo "jaeger: go is missing (run bash scripts/env.sh up, or install Go)" >&2; exit 1; }
+    command -v go >/dev/null || { echo "jaeger: go is needed to build Jaeger (as for helm in scripts/check-packaging.sh): install Go" >&2; exit 1; }
     mkdir -p "$DIR"
     # One build at a time (two test runs starting together share it).
     exec 9>"$DIR/build.lock"
@@ -41,11 +41,20 @@ case "${1:-}" in
     rm -rf "$scratch"
     mkdir -p "$scratch"
     cd "$scratch"
-    echo "jaeger: building $JAEGER_VERSION in $scratch (a few minutes)" >&2
-    go mod init x >/dev/null 2>&1
-    nice -n 19 go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION"
-    nice -n 19 go build -o "$BIN.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+    log="$DIR/build.log"
+    echo "jaeger: building $JAEGER_VERSION in $scratch (a few minutes; log: $log)" >&2
+    started=$SECONDS
+    if ! {
+      go mod init x &&
+        nice -n 19 go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION" &&
+        nice -n 19 go build -o "$BIN.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+    } >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "jaeger: the build failed (log: $log)" >&2
+      exit 1
+    fi
     mv "$BIN.tmp" "$BIN"
+    echo "jaeger: built in $((SECONDS - started)) s" >&2
     cd "$DIR"
     rm -rf "$scratch"
     echo "$BIN"
