@@ -313,7 +313,7 @@ async fn hostile_retry_headers_on_a_tier_record_never_panic_and_are_delivered_or
     .await;
     let cfg = config(&t, &app, &["1s"], 1, "key");
     let _sidecar = Sidecar::start(&cfg);
-    let garbage: Vec<Vec<(Vec<u8>, Option<Vec<u8>>)>> = vec![
+    let garbage: Vec<Vec<RawHeader>> = vec![
         // Far-future not-before, absurd numbers, bytes that are not UTF-8.
         vec![
             (b"x-retry-not-before".to_vec(), Some(b"99999999999999999".to_vec())),
