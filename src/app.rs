@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::pipeline::InFlight;
 use crate::ratelimit::RateLimiter;
+use crate::retry_topics::Tiers;
 use crate::scheduler::{Scheduler, Settings};
 use crate::source::{self, Limits, PollLoop, PollThread, SourceState};
 use crate::worker::Worker;
@@ -51,6 +52,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     } else {
         None
     };
+    let tiers = Tiers::from_config(&cfg.retry_topics);
+    if let Some(t) = &tiers {
+        metrics.set_retry_tiers(t.all().iter().map(|t| (t.topic.clone(), t.delay)).collect());
+    }
     let worker = Arc::new(Worker {
         app: AppClient::new(&cfg.app, &cfg.kafka.group_id).context("failed to build the HTTP client (app.*)")?,
         dlq: DeadLetters::from_config(&cfg, metrics.clone())?,
@@ -63,6 +68,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         hard_stop: hard_stop.clone(),
         dedup,
         key_source: cfg.dedup.key_source(),
+        tiers: tiers.clone(),
     });
     // The in-flight bound keeps this channel from ever filling; the slack covers control messages.
     let (input_tx, input_rx) = mpsc::channel(cfg.pipeline.max_in_flight_records + 64);
@@ -105,9 +111,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         batch: cfg.batch.clone(),
     };
     let scheduler = tokio::spawn(Scheduler::new(settings, worker.clone(), in_flight.clone()).run(input_rx));
+    // The retry tier topics are read by the same consumer, in the same group.
+    let mut topics = cfg.kafka.topics.clone();
+    topics.extend(tiers.iter().flat_map(|t| t.topics().map(str::to_string)));
     let poll = PollLoop {
         consumer,
-        topics: cfg.kafka.topics.clone(),
+        topics,
+        tiers,
         brokers: cfg.kafka.brokers.clone(),
         input: input_tx,
         tracker: tracker.clone(),

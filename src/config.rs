@@ -7,7 +7,8 @@
 //!
 //! Where config lives (one rule, checked by `tests/architecture.rs`): every section's struct
 //! is in this module — the small ones here, the larger ones in their own file
-//! (`config/breaker.rs`, `config/dedup.rs`, `config/rate_limit.rs`, `config/telemetry.rs`);
+//! (`config/breaker.rs`, `config/dedup.rs`, `config/rate_limit.rs`, `config/retry_topics.rs`,
+//! `config/telemetry.rs`);
 //! the module a section configures re-exports it (`breaker::BreakerConfig`). This module
 //! imports no other module of the crate, so any module may import it. The plumbing has its
 //! own files: loading (figment: defaults < file < environment) in `load`, environment mapping
@@ -34,12 +35,14 @@ mod load;
 mod proptests;
 pub(crate) mod rate_limit;
 pub mod redact;
+mod retry_topics;
 mod telemetry;
 
 pub use self::breaker::BreakerConfig;
 pub use self::dedup::{DedupConfig, KeySource, OnError};
 pub use self::rate_limit::RateLimitConfig;
 pub use self::redact::url as redact_url;
+pub use self::retry_topics::{RetryTopicsConfig, TierConfig};
 pub use self::telemetry::TelemetryConfig;
 
 /// Prefix of environment variables that override config keys:
@@ -62,6 +65,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Dead-letter topic for poison records.
     pub dlq: DlqConfig,
+    /// Delayed retries through retry-tier topics (off by default).
+    pub retry_topics: RetryTopicsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Admin HTTP server (metrics, health, status).
@@ -476,6 +481,8 @@ impl Config {
         self.rate_limit.validate(&mut more);
         self.breaker.validate(&mut more);
         self.dedup.validate(&mut more);
+        self.retry_topics
+            .validate(&self.kafka.topics, self.dlq.topic.trim(), &mut more);
         for (key, reason) in more {
             bad(&key, &reason);
         }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AppConfig, DeliveryMode};
 use crate::record::Record;
 use crate::retry::{parse_retry_after, ErrorInfo, Transport};
+use crate::retry_topics::RetryInfo;
 
 mod envelope;
 
@@ -38,6 +39,12 @@ pub mod headers {
     pub const ATTEMPT: &str = "x-kafka-attempt";
     pub const GROUP: &str = "x-kafka-consumer-group";
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// Single mode, a record read from a retry tier: the tier (1 for the first) and where
+    /// the record was first read.
+    pub const RETRY_TIER: &str = "x-kafka-retry-tier";
+    pub const ORIGINAL_TOPIC: &str = "x-kafka-original-topic";
+    pub const ORIGINAL_PARTITION: &str = "x-kafka-original-partition";
+    pub const ORIGINAL_OFFSET: &str = "x-kafka-original-offset";
 }
 
 /// Record headers passed to the app as plain HTTP headers too (trace context).
@@ -50,6 +57,8 @@ pub struct Outgoing<'a> {
     pub trace: &'a HashMap<String, String>,
     /// The record's idempotency key (`dedup.key`), sent as `Idempotency-Key`.
     pub idempotency_key: &'a str,
+    /// For a record read from a retry tier: its earlier attempts and original coordinates.
+    pub retry: Option<&'a RetryInfo>,
 }
 
 /// What one request produced: the transport outcome and, for a batch answered with a
@@ -299,7 +308,9 @@ impl AppClient {
             })
             .sum();
         let group = self.group_header.as_ref().map_or(0, HeaderValue::len);
-        FIXED + r.topic.len() + group + out.idempotency_key.len() + key + 2 + json + trace
+        // A retry tier's headers: names, numbers and the original topic.
+        let retry = out.retry.map_or(0, |info| info.origin.topic.len() + 160);
+        FIXED + r.topic.len() + group + out.idempotency_key.len() + key + 2 + json + trace + retry
     }
 
     fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
@@ -318,7 +329,14 @@ impl AppClient {
         }
         h.insert(headers::PARTITION, HeaderValue::from(r.partition));
         h.insert(headers::OFFSET, HeaderValue::from(r.offset));
-        h.insert(headers::ATTEMPT, HeaderValue::from(attempt));
+        // A record from a retry tier continues its count of attempts.
+        let prior = out.retry.map_or(0, |info| info.prior_attempts);
+        h.insert(headers::ATTEMPT, HeaderValue::from(attempt.saturating_add(prior)));
+        if let Some(info) = out.retry {
+            h.insert(headers::RETRY_TIER, HeaderValue::from(info.tier + 1));
+            h.insert(headers::ORIGINAL_PARTITION, HeaderValue::from(info.origin.partition));
+            h.insert(headers::ORIGINAL_OFFSET, HeaderValue::from(info.origin.offset));
+        }
         if let Some(group) = &self.group_header {
             h.insert(headers::GROUP, group.clone());
         }
@@ -334,6 +352,9 @@ impl AppClient {
             }
         };
         put(headers::IDEMPOTENCY_KEY, out.idempotency_key);
+        if let Some(info) = out.retry {
+            put(headers::ORIGINAL_TOPIC, &info.origin.topic);
+        }
         if let Some(key) = &r.key {
             put(headers::KEY, &B64.encode(key));
         }
@@ -484,6 +505,7 @@ mod tests {
             record: r,
             trace,
             idempotency_key: "orders/1/7",
+            retry: None,
         }
     }
 

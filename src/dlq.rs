@@ -36,6 +36,7 @@ use crate::kafka_client::{connection_config, KafkaLogContext};
 use crate::metrics::{DlqErrorLabels, Metrics};
 use crate::record::{native, Record};
 use crate::retry::{Backoff, ErrorInfo};
+use crate::retry_topics::{is_retry_header, Origin, RetryInfo, Tiers};
 
 /// Header names added to dead-lettered records.
 pub mod headers {
@@ -107,7 +108,9 @@ impl WriteError {
                 "grant the sidecar's principal WRITE and DESCRIBE on topic {topic} (and IDEMPOTENT_WRITE on \
                  the cluster for brokers before 2.8), or fix the credentials in [kafka.properties]/[dlq.properties]"
             ),
-            Self::UnknownTopic => format!("create the DLQ topic {topic}, or fix dlq.topic"),
+            Self::UnknownTopic => {
+                format!("create the DLQ topic {topic}, or fix dlq.topic (for a retry tier topic: retry_topics.tiers)")
+            }
             Self::InvalidRecord => format!(
                 "the DLQ topic {topic} refuses the record (a compacted topic needs record keys): \
                  use a DLQ topic with cleanup.policy=delete"
@@ -162,6 +165,8 @@ struct HealthState {
     blocked: HashMap<WriteError, usize>,
     /// The class of the last permanent failure (what `/status` shows).
     last: Option<WriteError>,
+    /// The topic of the last permanent failure: the DLQ topic or a retry tier topic.
+    last_topic: Option<String>,
     /// Classes already logged since the last recovery (log once per cause).
     logged: Vec<WriteError>,
 }
@@ -199,15 +204,18 @@ impl DlqHealth {
             topic: self.topic.clone(),
             healthy: blocked == 0,
             error_class: class.map(WriteError::as_str),
-            fix: class.map(|c| c.fix(&self.topic)),
+            fix: class.map(|c| c.fix(state.last_topic.as_deref().unwrap_or(&self.topic))),
             blocked_records: blocked,
             values_dropped: self.values_dropped.load(Ordering::Relaxed),
         }
     }
 
     /// A record's write now fails with `class` (permanent); returns whether to log it.
-    fn block(&self, class: WriteError, before: Option<WriteError>) -> bool {
+    fn block(&self, class: WriteError, before: Option<WriteError>, topic: &str) -> bool {
         let mut state = self.lock();
+        if state.last_topic.as_deref() != Some(topic) {
+            state.last_topic = Some(topic.to_string());
+        }
         if let Some(old) = before {
             if let Some(n) = state.blocked.get_mut(&old) {
                 *n = n.saturating_sub(1);
@@ -233,6 +241,7 @@ impl DlqHealth {
         if healthy {
             state.logged.clear();
             state.last = None;
+            state.last_topic = None;
         }
         healthy
     }
@@ -250,11 +259,11 @@ struct Blocked<'a> {
 
 impl Blocked<'_> {
     /// Records that the write now fails permanently with `class`; true when the cause is new.
-    fn set(&mut self, class: WriteError) -> bool {
+    fn set(&mut self, class: WriteError, topic: &str) -> bool {
         if self.class == Some(class) {
             return false;
         }
-        let log = self.health.block(class, self.class);
+        let log = self.health.block(class, self.class, topic);
         self.class = Some(class);
         log
     }
@@ -281,6 +290,8 @@ pub struct DeadLetters {
     retry: RetryConfig,
     metrics: Arc<Metrics>,
     health: Arc<DlqHealth>,
+    /// The retry tiers: a dead letter read from one names its original coordinates.
+    tiers: Option<Arc<Tiers>>,
     /// Whether a record written without its value / stripped was logged already.
     warned_too_large: [AtomicBool; 2],
 }
@@ -288,6 +299,43 @@ pub struct DeadLetters {
 /// The write was given up because shutdown's grace period ran out.
 #[derive(Debug)]
 pub struct Interrupted;
+
+/// Why a write to a retry tier ended without an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierWriteError {
+    /// Shutdown's grace period ran out.
+    Interrupted,
+    /// The record is too large for the tier topic: dead-letter it instead.
+    TooLarge,
+}
+
+/// Where a write goes.
+enum Dest<'a> {
+    Dlq {
+        attempts: u32,
+        error: &'a ErrorInfo,
+    },
+    Tier {
+        topic: &'a str,
+        headers: &'a [(&'static str, String)],
+    },
+}
+
+impl<'a> Dest<'a> {
+    fn topic(&self, dlq: &'a str) -> &'a str {
+        match self {
+            Dest::Dlq { .. } => dlq,
+            Dest::Tier { topic, .. } => topic,
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Dest::Dlq { .. } => "dead-letter topic",
+            Dest::Tier { .. } => "retry tier topic",
+        }
+    }
+}
 
 impl DeadLetters {
     /// Builds the producer; `None` when no DLQ topic is configured.
@@ -319,6 +367,7 @@ impl DeadLetters {
             retry: cfg.retry.clone(),
             metrics,
             health: Arc::new(DlqHealth::new(&cfg.dlq.topic)),
+            tiers: Tiers::from_config(&cfg.retry_topics),
             warned_too_large: [AtomicBool::new(false), AtomicBool::new(false)],
         }))
     }
@@ -344,6 +393,40 @@ impl DeadLetters {
         trace: &HashMap<String, String>,
         hard_stop: &CancellationToken,
     ) -> Result<(i32, i64), Interrupted> {
+        let dest = Dest::Dlq { attempts, error };
+        self.write(record, &dest, trace, hard_stop)
+            .await
+            .map_err(|_| Interrupted)
+    }
+
+    /// Writes a record to a retry tier topic with these `x-retry-*` headers (its original
+    /// `x-retry-*` headers are replaced), retrying until the broker acknowledges it, with the
+    /// same guarantees as [`Self::send`] except that a record too large for the tier topic is
+    /// not shrunk (a tier record without its value could not be delivered): the caller
+    /// dead-letters it instead ([`TierWriteError::TooLarge`]).
+    pub async fn send_to_tier(
+        &self,
+        record: &Record,
+        topic: &str,
+        retry_headers: &[(&'static str, String)],
+        trace: &HashMap<String, String>,
+        hard_stop: &CancellationToken,
+    ) -> Result<(), TierWriteError> {
+        let dest = Dest::Tier {
+            topic,
+            headers: retry_headers,
+        };
+        self.write(record, &dest, trace, hard_stop).await.map(|_| ())
+    }
+
+    async fn write(
+        &self,
+        record: &Record,
+        dest: &Dest<'_>,
+        trace: &HashMap<String, String>,
+        hard_stop: &CancellationToken,
+    ) -> Result<(i32, i64), TierWriteError> {
+        let topic = dest.topic(&self.topic);
         let mut shape = Shape::Full;
         let mut blocked = Blocked {
             health: &self.health,
@@ -352,8 +435,11 @@ impl DeadLetters {
         let mut backoff = Backoff::from_config(&self.retry);
         let mut transient_failures = 0u32;
         loop {
-            let headers = self.headers(record, attempts, error, trace, shape);
-            let mut out = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+            let headers = match dest {
+                Dest::Dlq { attempts, error } => self.headers(record, *attempts, error, trace, shape),
+                Dest::Tier { headers, .. } => tier_headers(record, headers, trace),
+            };
+            let mut out = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
             if let (Some(k), Shape::Full | Shape::NoValue) = (&record.key, shape) {
                 out = out.key(k.as_ref());
             }
@@ -362,7 +448,7 @@ impl DeadLetters {
             }
             let sent = tokio::select! {
                 r = self.producer.send(out, Timeout::After(Duration::from_secs(30))) => r,
-                _ = hard_stop.cancelled() => return Err(Interrupted),
+                _ = hard_stop.cancelled() => return Err(TierWriteError::Interrupted),
             };
             let e = match sent {
                 Ok(delivery) => {
@@ -378,6 +464,9 @@ impl DeadLetters {
                     class: class.as_str().to_string(),
                 })
                 .inc();
+            if let (WriteError::TooLarge, Dest::Tier { .. }) = (class, dest) {
+                return Err(TierWriteError::TooLarge);
+            }
             // A record without a value (tombstone) has nothing to drop but its key and headers.
             let smaller = match shape.smaller() {
                 Some(Shape::NoValue) if record.value.is_none() => Some(Shape::Stripped),
@@ -393,23 +482,23 @@ impl DeadLetters {
                 transient_failures += 1;
                 if transient_failures == 1 || transient_failures % 20 == 0 {
                     tracing::warn!(
-                        dlq_topic = %self.topic, topic = %record.topic, partition = record.partition,
+                        dlq_topic = %topic, topic = %record.topic, partition = record.partition,
                         offset = record.offset, error = %e, failures = transient_failures, retry_in = ?delay,
-                        "failed to write a record to the dead-letter topic; retrying (the record stays unfinished)"
+                        "failed to write a record to the {}; retrying (the record stays unfinished)", dest.what()
                     );
                 }
-            } else if blocked.set(class) {
+            } else if blocked.set(class, topic) {
                 tracing::error!(
-                    dlq_topic = %self.topic, topic = %record.topic, partition = record.partition,
-                    offset = record.offset, error = %e, error_class = class.as_str(), fix = %class.fix(&self.topic),
-                    "cannot write to the dead-letter topic; the record is kept (its lane is blocked and its \
-                     offset not committed) and retried with backoff; not ready until a write succeeds"
+                    dlq_topic = %topic, topic = %record.topic, partition = record.partition,
+                    offset = record.offset, error = %e, error_class = class.as_str(), fix = %class.fix(topic),
+                    "cannot write to the {}; the record is kept (its lane is blocked and its \
+                     offset not committed) and retried with backoff; not ready until a write succeeds", dest.what()
                 );
             }
             self.metrics.dlq_blocked_records.set(self.blocked_gauge());
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = hard_stop.cancelled() => return Err(Interrupted),
+                _ = hard_stop.cancelled() => return Err(TierWriteError::Interrupted),
             }
         }
     }
@@ -476,15 +565,21 @@ impl DeadLetters {
                 value: Some(value.as_bytes()),
             });
         }
-        let ts = r.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+        // A record read from a retry tier is dead-lettered under its original coordinates (its
+        // `x-retry-*` headers, kept above, carry its history).
+        let origin = match self.tiers.as_ref().and_then(|t| t.index_of(&r.topic)) {
+            Some(tier) => RetryInfo::read(r, tier).origin,
+            None => Origin::of(r),
+        };
+        let ts = origin.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
         let message = match shape {
             Shape::Stripped => truncate(&error.message, STRIPPED_MESSAGE_MAX).to_string(),
             _ => error.message.clone(),
         };
         let fields = [
-            (headers::SOURCE_TOPIC, r.topic.to_string()),
-            (headers::SOURCE_PARTITION, r.partition.to_string()),
-            (headers::SOURCE_OFFSET, r.offset.to_string()),
+            (headers::SOURCE_TOPIC, origin.topic),
+            (headers::SOURCE_PARTITION, origin.partition.to_string()),
+            (headers::SOURCE_OFFSET, origin.offset.to_string()),
             (headers::SOURCE_TIMESTAMP, ts),
             (headers::CONSUMER_GROUP, self.group.clone()),
             (headers::ATTEMPTS, attempts.to_string()),
@@ -512,6 +607,31 @@ impl DeadLetters {
             tracing::warn!(error = %e, "DLQ producer did not flush in time");
         }
     }
+}
+
+/// The headers of a record written to a retry tier: its original headers byte for byte except
+/// its old `x-retry-*` headers and a trace context (replaced by the delivery span's), then
+/// the trace context and the new `x-retry-*` headers.
+fn tier_headers(r: &Record, retry_headers: &[(&'static str, String)], trace: &HashMap<String, String>) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + retry_headers.len() + 2);
+    let replaced =
+        |name: &[u8]| is_retry_header(name) || std::str::from_utf8(name).is_ok_and(|n| trace.contains_key(n));
+    for (name, value) in r.headers.iter().filter(|(name, _)| !replaced(name)) {
+        h = native::add(h, name, value.as_deref());
+    }
+    for (name, value) in trace {
+        h = h.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    for (key, value) in retry_headers {
+        h = h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    h
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -567,10 +687,10 @@ mod tests {
             health: &health,
             class: None,
         };
-        assert!(a.set(WriteError::UnknownTopic), "a new cause is logged");
-        assert!(!a.set(WriteError::UnknownTopic));
+        assert!(a.set(WriteError::UnknownTopic, "dlq"), "a new cause is logged");
+        assert!(!a.set(WriteError::UnknownTopic, "dlq"));
         assert!(
-            !b.set(WriteError::UnknownTopic),
+            !b.set(WriteError::UnknownTopic, "dlq"),
             "the same cause for another record is not"
         );
         let status = health.status();
@@ -578,7 +698,7 @@ mod tests {
         assert_eq!(status.error_class, Some("unknown_topic"));
         assert_eq!(status.blocked_records, 2);
         assert!(status.fix.is_some_and(|f| f.contains("create the DLQ topic dlq")));
-        assert!(b.set(WriteError::Authorization), "a changed cause is logged");
+        assert!(b.set(WriteError::Authorization, "dlq"), "a changed cause is logged");
         assert_eq!(health.status().blocked_records, 2);
         assert!(!a.written(), "b is still blocked");
         drop(b);
@@ -590,7 +710,7 @@ mod tests {
             class: None,
         };
         assert!(
-            c.set(WriteError::UnknownTopic),
+            c.set(WriteError::UnknownTopic, "dlq"),
             "after a recovery a cause is logged again"
         );
     }

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod ratelimit;
 pub mod record;
 pub mod retry;
+pub mod retry_topics;
 pub mod scheduler;
 pub mod source;
 pub mod telemetry;

@@ -53,6 +53,12 @@ pub struct DlqErrorLabels {
     pub class: String,
 }
 
+/// A retry tier, by its topic (bounded: the configured tiers).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommitLabels {
     /// ok or error.
@@ -89,6 +95,12 @@ pub struct Metrics {
     pub dlq_blocked_records: Gauge,
     /// Delivery jobs that panicked (each panic once); their records are run again or dead-lettered.
     pub job_panics: Counter,
+    pub retry_tier_sent: Family<TierLabels, Counter>,
+    pub retry_tier_delivered: Family<TierLabels, Counter>,
+    pub retry_tier_lag_records: Family<TierLabels, Gauge>,
+    pub retry_tier_lag_seconds: Family<TierLabels, Gauge<f64, AtomicU64>>,
+    /// The configured retry tiers (topic, delay), for the tier lag gauges.
+    retry_tiers: Mutex<Vec<(String, Duration)>>,
     shown_partitions: Mutex<HashSet<PartitionLabels>>,
 }
 
@@ -245,7 +257,36 @@ impl Metrics {
             "Delivery jobs that panicked (a bug): their records are run again, then dead-lettered with error class panic",
             job_panics.clone(),
         );
+        let retry_tier_sent = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "retry_tier_sent",
+            "Records written to each retry tier topic after their attempts failed",
+            retry_tier_sent.clone(),
+        );
+        let retry_tier_delivered = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "retry_tier_delivered",
+            "Records delivered to the app from each retry tier topic",
+            retry_tier_delivered.clone(),
+        );
+        let retry_tier_lag_records = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "retry_tier_lag_records",
+            "Records in each retry tier not yet finished (assigned partitions of the tier topic)",
+            retry_tier_lag_records.clone(),
+        );
+        let retry_tier_lag_seconds = Family::<TierLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "retry_tier_lag_seconds",
+            "How far each retry tier is behind its schedule: age of its oldest unfinished record minus the tier's delay (0 when on time)",
+            retry_tier_lag_seconds.clone(),
+        );
         Self {
+            retry_tier_sent,
+            retry_tier_delivered,
+            retry_tier_lag_records,
+            retry_tier_lag_seconds,
+            retry_tiers: Mutex::new(Vec::new()),
             dlq_errors,
             dlq_values_dropped,
             dlq_blocked_records,
@@ -319,7 +360,54 @@ impl Metrics {
     }
 
     /// Per-partition lag and committed offsets; partitions no longer assigned disappear.
+    /// The configured retry tiers (topic, delay): their gauges start at 0.
+    pub fn set_retry_tiers(&self, tiers: Vec<(String, Duration)>) {
+        for (topic, _) in &tiers {
+            let labels = TierLabels { tier: topic.clone() };
+            self.retry_tier_lag_records.get_or_create(&labels).set(0);
+            self.retry_tier_lag_seconds.get_or_create(&labels).set(0.0);
+            let _ = self.retry_tier_sent.get_or_create(&labels);
+            let _ = self.retry_tier_delivered.get_or_create(&labels);
+        }
+        *self.retry_tiers.lock().unwrap_or_else(|e| e.into_inner()) = tiers;
+    }
+
+    /// A record was written to the retry tier `topic`.
+    pub fn retry_tier_sent(&self, topic: &str) {
+        self.retry_tier_sent
+            .get_or_create(&TierLabels {
+                tier: topic.to_string(),
+            })
+            .inc();
+    }
+
+    /// A record read from the retry tier `topic` was delivered.
+    pub fn retry_tier_delivered(&self, topic: &str) {
+        self.retry_tier_delivered
+            .get_or_create(&TierLabels {
+                tier: topic.to_string(),
+            })
+            .inc();
+    }
+
+    /// Tier lag from the partition views: records not finished, and how far the oldest of
+    /// them is past its tier's delay.
+    fn set_tier_lag(&self, views: &[PartitionView]) {
+        let tiers = self.retry_tiers.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, delay) in tiers.iter() {
+            let of_tier = views.iter().filter(|v| &*v.tp.topic == topic.as_str());
+            let (records, seconds) = of_tier.fold((0i64, 0f64), |(n, s), v| {
+                let behind = (v.lag_seconds - delay.as_secs_f64()).max(0.0);
+                (n.saturating_add(v.lag.unwrap_or(0).max(0)), s.max(behind))
+            });
+            let labels = TierLabels { tier: topic.clone() };
+            self.retry_tier_lag_records.get_or_create(&labels).set(records);
+            self.retry_tier_lag_seconds.get_or_create(&labels).set(seconds);
+        }
+    }
+
     pub fn set_partitions(&self, views: &[PartitionView]) {
+        self.set_tier_lag(views);
         let mut shown = self.shown_partitions.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = HashSet::new();
         for v in views {

@@ -49,6 +49,7 @@ use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::pipeline::{panic_message, InFlight, Input};
 use crate::record::Record;
 use crate::retry::Backoff;
+use crate::retry_topics::{self, Tiers};
 
 mod backpressure;
 
@@ -81,6 +82,10 @@ pub struct SourceState {
     shutdown_deadlines: Mutex<Option<(Instant, Instant)>>,
     /// A panic caught in a librdkafka callback, for the poll thread to report.
     fault: Mutex<Option<String>>,
+    /// Retry tier partitions paused until their head record is due: that record (read, not
+    /// yet handed over nor tracked, so no commit passes it) and its due time (ms since the
+    /// epoch). At most one per tier partition; a revoke drops it (it is read again).
+    held: Mutex<HashMap<TopicPartition, (Record, i64)>>,
     /// Whether the brokers can be reached.
     pub kafka: Arc<Connectivity>,
 }
@@ -172,6 +177,27 @@ impl SourceState {
 
     fn take_fault(&self) -> Option<String> {
         self.fault.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, (Record, i64)>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_held(&self, tp: &TopicPartition) -> bool {
+        self.held().contains_key(tp)
+    }
+
+    /// Takes the held records due at `now_ms`.
+    fn take_due(&self, now_ms: i64) -> Vec<(TopicPartition, Record)> {
+        let mut held = self.held();
+        let due: Vec<TopicPartition> = held
+            .iter()
+            .filter(|(_, (_, at))| *at <= now_ms)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|tp| held.remove(&tp).map(|(r, _)| (tp, r)))
+            .collect()
     }
 
     fn deadlines(&self) -> Option<(Instant, Instant)> {
@@ -292,6 +318,8 @@ impl SourceContext {
                 );
             }
         }
+        // Held tier records are not tracked: the next owner reads them again.
+        self.state.held().retain(|tp, _| !tps.contains(tp));
         let mut positions = self.tracker.revoke(&tps);
         if !lost {
             // The kept partitions too: no periodic commit ran while this callback waited, and
@@ -383,7 +411,10 @@ fn prefetch_kbytes(cfg: &Config) -> usize {
 /// Everything the poll thread needs.
 pub struct PollLoop {
     pub consumer: SourceConsumer,
+    /// The source topics and the retry tier topics.
     pub topics: Vec<String>,
+    /// Retry tiers: a record read from one is held until its not-before time.
+    pub tiers: Option<Arc<Tiers>>,
     pub brokers: String,
     pub input: mpsc::Sender<Input>,
     pub tracker: Arc<OffsetTracker>,
@@ -568,6 +599,7 @@ impl PollLoop {
                 self.in_flight.wait_for_release(seen, HOLD_WAIT);
                 continue;
             }
+            self.release_due(&mut pressure, &mut capped)?;
             let msg = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(Err(e)) => {
@@ -586,17 +618,94 @@ impl PollLoop {
                 }
             };
             let tp = TopicPartition::new(topic.clone(), msg.partition());
+            let delay = self
+                .tiers
+                .as_ref()
+                .and_then(|t| t.get(t.index_of(&topic)?))
+                .map(|t| t.delay);
+            if let Some(delay) = delay {
+                // A retry tier: its head waits for its not-before time, the partition paused.
+                if self.state.is_held(&tp) {
+                    // Fetched before the pause took effect: read again after the held record.
+                    continue;
+                }
+                let record = Record::from_message(&msg, topic, 0);
+                drop(msg);
+                let now = retry_topics::now_ms();
+                let due = retry_topics::not_before(&record, delay, now);
+                if due > now {
+                    self.hold(tp, record, due);
+                } else {
+                    self.hand_over_read(tp, record, &mut pressure, &mut capped)?;
+                }
+                continue;
+            }
             let generation = self.tracker.read(&tp, msg.offset(), msg.timestamp().to_millis());
             let record = Record::from_message(&msg, topic, generation);
             drop(msg);
-            self.in_flight.add(record.size());
-            pressure.on_read(record.size());
-            self.metrics.record_outcome(&record, "consumed");
-            if self.input.blocking_send(Input::Record(record)).is_err() {
-                return Err("the scheduler stopped taking records".into());
+            self.hand_over(tp, record, &mut pressure, &mut capped)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a record read now to the scheduler, counted in flight (its generation set).
+    fn hand_over(
+        &self,
+        tp: TopicPartition,
+        record: Record,
+        pressure: &mut Pressure,
+        capped: &mut HashSet<TopicPartition>,
+    ) -> Result<(), String> {
+        self.in_flight.add(record.size());
+        pressure.on_read(record.size());
+        self.metrics.record_outcome(&record, "consumed");
+        if self.input.blocking_send(Input::Record(record)).is_err() {
+            return Err("the scheduler stopped taking records".into());
+        }
+        if pressure.is_slow() {
+            self.cap_share(pressure, tp, capped);
+        }
+        Ok(())
+    }
+
+    /// Tracks a record read earlier (a due retry tier record) and hands it over.
+    fn hand_over_read(
+        &self,
+        tp: TopicPartition,
+        mut record: Record,
+        pressure: &mut Pressure,
+        capped: &mut HashSet<TopicPartition>,
+    ) -> Result<(), String> {
+        record.generation = self.tracker.read(&tp, record.offset, record.timestamp_ms);
+        self.hand_over(tp, record, pressure, capped)
+    }
+
+    /// Holds a retry tier record until `due` (ms since the epoch): its partition is paused,
+    /// so the poll thread keeps reading every other partition and nothing busy-waits.
+    fn hold(&self, tp: TopicPartition, record: Record, due: i64) {
+        tracing::debug!(topic = %tp.topic, partition = tp.partition, offset = record.offset, due,
+            "retry tier record not due yet; pausing its partition until then");
+        self.pause_resume(std::slice::from_ref(&tp), true);
+        self.state.held().insert(tp, (record, due));
+    }
+
+    /// Hands over the held retry tier records that are due, and reads their partitions on
+    /// from the record after (anything fetched before the pause took effect was skipped).
+    fn release_due(&self, pressure: &mut Pressure, capped: &mut HashSet<TopicPartition>) -> Result<(), String> {
+        if self.tiers.is_none() {
+            return Ok(());
+        }
+        for (tp, record) in self.state.take_due(retry_topics::now_ms()) {
+            let next = record.offset.saturating_add(1);
+            self.hand_over_read(tp.clone(), record, pressure, capped)?;
+            if let Err(e) = self
+                .consumer
+                .seek(&tp.topic, tp.partition, Offset::Offset(next), Duration::ZERO)
+            {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot seek a retry tier partition");
             }
-            if pressure.is_slow() {
-                self.cap_share(&pressure, tp, &mut capped);
+            if !self.state.paused.load(Ordering::Relaxed) && !capped.contains(&tp) {
+                self.pause_resume(std::slice::from_ref(&tp), false);
             }
         }
         Ok(())
@@ -628,7 +737,7 @@ impl PollLoop {
         capped.retain(|tp| {
             let is_assigned = assigned.binary_search(tp).is_ok();
             let keep = is_assigned && pressure.is_slow() && self.tracker.unfinished(std::slice::from_ref(tp)) > resume;
-            if !keep && is_assigned {
+            if !keep && is_assigned && !self.state.is_held(tp) {
                 released.push(tp.clone());
             }
             keep
@@ -727,11 +836,15 @@ impl PollLoop {
             self.consumer.pause(&assignment)
         } else {
             let mut resume = TopicPartitionList::with_capacity(assignment.count());
+            let held = self.state.held();
             for e in assignment.elements() {
-                if !capped.contains(&TopicPartition::new(e.topic(), e.partition())) {
+                let tp = TopicPartition::new(e.topic(), e.partition());
+                // Held retry tier partitions stay paused until their head record is due.
+                if !capped.contains(&tp) && !held.contains_key(&tp) {
                     resume.add_partition(e.topic(), e.partition());
                 }
             }
+            drop(held);
             self.consumer.resume(&resume)
         };
         if let Err(e) = result {

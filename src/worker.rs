@@ -42,6 +42,7 @@ use crate::pipeline::JobRunner;
 use crate::ratelimit::RateLimiter;
 use crate::record::Record;
 use crate::retry::{Backoff, ErrorInfo};
+use crate::retry_topics::{Failure, RetryInfo, Tiers};
 use crate::telemetry::DeliverySpan;
 
 mod admit;
@@ -69,6 +70,8 @@ pub struct Worker {
     pub dedup: Option<Gate>,
     /// Where idempotency keys come from (`dedup.key`); sent to the app even with dedup off.
     pub key_source: KeySource,
+    /// Retry tiers (`retry_topics`); `None` when off.
+    pub tiers: Option<Arc<Tiers>>,
 }
 
 /// A record still being worked on, with the failed attempts it has used.
@@ -83,9 +86,22 @@ struct Open<'a> {
     key: String,
     /// Whether this attempt delivers it (false: it waits for its idempotency key).
     ready: bool,
+    /// What a record read from a retry tier says about its earlier attempts.
+    retry: Option<RetryInfo>,
+    /// The first failure of this record (from a tier's headers, or of this pass).
+    first_failure: Option<Failure>,
 }
 
-/// A record done with delivery (delivered or dead-lettered), to finish after its key is marked done.
+impl Open<'_> {
+    /// Attempts made before this record was read (from a retry tier).
+    fn prior_attempts(&self) -> u32 {
+        self.retry.as_ref().map_or(0, |r| r.prior_attempts)
+    }
+}
+
+/// A record done with delivery (delivered, dead-lettered, or moved to a retry tier), to
+/// finish after its key is marked done (released, for a record moved to a tier: its next
+/// delivery must not be taken for a duplicate).
 struct Settled<'a> {
     open: Open<'a>,
     outcome: &'static str,
@@ -130,7 +146,24 @@ impl Worker {
 
     fn open<'a>(&self, record: &'a Record) -> Open<'a> {
         let span = DeliverySpan::start(record, &self.group);
-        let key = derive_key(&self.key_source, record);
+        let retry = self
+            .tiers
+            .as_ref()
+            .and_then(|t| t.index_of(&record.topic))
+            .map(|tier| RetryInfo::read(record, tier));
+        // A record from a tier keeps the idempotency key of its original coordinates.
+        let key = match &retry {
+            Some(info) => derive_key(
+                &self.key_source,
+                &Record {
+                    topic: info.origin.topic.as_str().into(),
+                    partition: info.origin.partition,
+                    offset: info.origin.offset,
+                    ..record.clone()
+                },
+            ),
+            None => derive_key(&self.key_source, record),
+        };
         if key.fallback && self.dedup.is_some() {
             self.metrics.dedup_key_fallbacks.inc();
         }
@@ -142,6 +175,8 @@ impl Worker {
             span,
             key: key.key,
             ready: true,
+            first_failure: retry.as_ref().and_then(|r| r.first.clone()),
+            retry,
         }
     }
 
@@ -269,6 +304,7 @@ fn outgoing<'o>(open: &'o [Open<'_>]) -> Vec<Outgoing<'o>> {
             record: o.record,
             trace: &o.trace,
             idempotency_key: &o.key,
+            retry: o.retry.as_ref(),
         })
         .collect()
 }

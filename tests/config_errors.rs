@@ -138,3 +138,56 @@ fn env_overrides_keep_text_as_text_and_invalid_ones_name_the_key() {
         );
     }
 }
+
+#[test]
+fn invalid_retry_topics_exit_non_zero_naming_each_bad_tier_key_in_one_run() {
+    let tiers =
+        |list: &str| format!("{VALID}\n[dlq]\ntopic = \"dead\"\n[retry_topics]\nenabled = true\ntiers = [{list}]\n");
+    let cases = [
+        // Delays not strictly increasing, a topic used twice, the source topic, the DLQ.
+        (
+            tiers(
+                r#"{ topic = "r1", delay = "10s" }, { topic = "r1", delay = "5s" }, { topic = "t", delay = "1m" }, { topic = "dead", delay = "2m" }"#,
+            ),
+            vec![
+                "retry_topics.tiers[1].topic",
+                "retry_topics.tiers[1].delay",
+                "retry_topics.tiers[2].topic",
+                "retry_topics.tiers[3].topic",
+            ],
+        ),
+        (
+            tiers(r#"{ topic = "r1", delay = "soon" }"#),
+            vec!["retry_topics", "soon"],
+        ),
+        (
+            tiers(r#"{ topic = "r1", delay = "1s", dealy = "2s" }"#),
+            vec!["retry_topics", "dealy"],
+        ),
+        (
+            format!("{VALID}\n[retry_topics]\nenabled = true\ntiers = [{{ topic = \"r1\", delay = \"1s\" }}]\n"),
+            vec!["retry_topics.enabled"],
+        ),
+        (
+            format!("{VALID}\n[dlq]\ntopic = \"dead\"\n[retry_topics]\nenabled = true\nin_place_attempts = 0\n"),
+            vec!["retry_topics.tiers", "retry_topics.in_place_attempts"],
+        ),
+        (
+            tiers(r#"{ topic = "r1", delay = "1s" }"#)
+                .replace("enabled = true", "enabled = true\npreserve_key_order = true"),
+            vec!["retry_topics.preserve_key_order"],
+        ),
+    ];
+    for (toml, keys) in &cases {
+        let (code, stderr) = check(toml, "check-config");
+        assert_ne!(code, 0, "check-config must fail for {keys:?}");
+        for key in keys {
+            assert!(stderr.contains(key), "the message must name {key}: {stderr}");
+        }
+    }
+    let (code, stderr) = check(
+        &tiers(r#"{ topic = "r1", delay = "1s" }, { topic = "r2", delay = "1m" }"#),
+        "check-config",
+    );
+    assert_eq!(code, 0, "a valid [retry_topics] passes: {stderr}");
+}

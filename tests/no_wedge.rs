@@ -224,6 +224,7 @@ fn worker(cfg: &Config, tracker: &Arc<OffsetTracker>, metrics: &Arc<Metrics>, ha
         hard_stop: hard_stop.clone(),
         dedup: None,
         key_source: cfg.dedup.key_source(),
+        tiers: None,
     }
 }
 

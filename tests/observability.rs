@@ -395,6 +395,12 @@ async fn the_dashboard_and_alert_rules_are_valid_and_query_only_metrics_that_exi
     let mut cfg = SidecarConfig::new(&topic, &app);
     let port = free_port();
     cfg.admin_port = Some(port);
+    // Retry tiers on, so that their metrics are exported too.
+    let (tier, dlq) = (unique("dash-retry"), unique("dash-dlq"));
+    create_topic(&tier, 1).await;
+    create_topic(&dlq, 1).await;
+    cfg.dlq = Some(dlq);
+    cfg.extra = format!("\n[retry_topics]\nenabled = true\ntiers = [{{ topic = \"{tier}\", delay = \"1s\" }}]\n");
     let _sidecar = Sidecar::start(&cfg);
     assert!(wait_until(MINUTE, || app.delivered_count() == 1).await);
     tokio::time::sleep(Duration::from_secs(1)).await;

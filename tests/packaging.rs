@@ -180,6 +180,9 @@ fn all_features_values_render_a_valid_config() {
         "min_requests = 50",
         "[dedup]\nenabled = true",
         r#"key = "header:idempotency-key""#,
+        "[retry_topics]\nenabled = true",
+        "in_place_attempts = 2",
+        r#"topic = "orders-retry-1m""#,
     ] {
         assert!(effective.contains(expected), "{expected} not in:\n{effective}");
     }

@@ -113,6 +113,7 @@ fn extract_sections(figment: &Figment, issues: &mut Vec<ConfigIssue>) -> Option<
         batch: section(figment, "batch", issues),
         retry: section(figment, "retry", issues),
         dlq: section(figment, "dlq", issues),
+        retry_topics: section(figment, "retry_topics", issues),
         shutdown: section(figment, "shutdown", issues),
         admin: section(figment, "admin", issues),
         log: section(figment, "log", issues),

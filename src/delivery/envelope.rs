@@ -25,6 +25,7 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
             record: r,
             trace,
             idempotency_key,
+            retry,
         },
     ) in records.iter().enumerate()
     {
@@ -66,7 +67,9 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
             base64_or_null(&mut out, value.as_deref());
             out.push(b'}');
         }
-        let _ = write!(out, "],\"attempt\":{attempt}");
+        // A record from a retry tier continues its count.
+        let prior = retry.map_or(0, |r| r.prior_attempts);
+        let _ = write!(out, "],\"attempt\":{}", attempt.saturating_add(prior));
         let traceparent = trace
             .get("traceparent")
             .map(String::as_str)
@@ -197,6 +200,7 @@ mod tests {
             record,
             trace,
             idempotency_key: "t\"opic-é/3/7-ключ",
+            retry: None,
         };
         let cases: Vec<Vec<Outgoing<'_>>> = vec![
             vec![],

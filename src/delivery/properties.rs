@@ -137,7 +137,7 @@ proptest! {
         r in record(), source in key_source(), trace in trace(), attempt in 1u32..100,
     ) {
         let key = derive_key(&source, &r).key;
-        let out = Outgoing { record: &r, trace: &trace, idempotency_key: &key };
+        let out = Outgoing { record: &r, trace: &trace, idempotency_key: &key, retry: None };
         let h = single_client().single_headers(&out, attempt);
         for (name, value) in &h {
             prop_assert!(value.to_str().is_ok(), "{name} is not visible ASCII: {value:?}");
@@ -168,7 +168,7 @@ proptest! {
         r in record(), source in key_source(), trace in trace(), attempt in any::<u32>(),
     ) {
         let key = derive_key(&source, &r).key;
-        let out = Outgoing { record: &r, trace: &trace, idempotency_key: &key };
+        let out = Outgoing { record: &r, trace: &trace, idempotency_key: &key, retry: None };
         let client = single_client();
         let real = header_bytes(&client.single_headers(&out, attempt));
         prop_assert!(client.single_headers_bound(&out) >= real, "bound below {real}");
@@ -183,7 +183,7 @@ proptest! {
     ) {
         let outgoing: Vec<Outgoing<'_>> = records
             .iter()
-            .map(|(record, trace, key)| Outgoing { record, trace, idempotency_key: key })
+            .map(|(record, trace, key)| Outgoing { record, trace, idempotency_key: key, retry: None })
             .collect();
         let body = batch_body(&outgoing, attempt);
         let typed: BatchEnvelope = serde_json::from_slice(&body).expect("the envelope parses as BatchEnvelope");

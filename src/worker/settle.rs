@@ -15,9 +15,13 @@ use tracing::Instrument;
 use super::{outgoing, tp, Open, Settled, Stopped, Worker};
 use crate::dedup::OnError;
 use crate::delivery::Reply;
-use crate::dlq::DeadLetters;
+use crate::dlq::{DeadLetters, TierWriteError};
 use crate::record::Record;
 use crate::retry::{classify, Backoff, ErrorInfo, Transport, Verdict};
+use crate::retry_topics::{self, Failure, Move};
+
+/// `records_total` outcome of a record moved to a retry tier.
+pub(super) const TIERED: &str = "retry_tier";
 
 /// The shortest wait while the app is unreachable or the dedup store does not answer.
 const OUTAGE_RETRY_FLOOR: Duration = Duration::from_millis(50);
@@ -49,6 +53,9 @@ pub(super) enum Step<'d, D> {
     Delivered,
     /// Dead-letter it with this error (poison, or out of attempts).
     DeadLetter(&'d D, ErrorInfo),
+    /// Out of attempts here: write it to this retry tier (index) with this error; it is
+    /// delivered again from there after the tier's delay.
+    Tier(&'d D, usize, ErrorInfo),
     /// Try again after `after` (the app's `Retry-After`) or the backoff. `counted`: this
     /// used one of the record's attempts.
     Retry { after: Option<Duration>, counted: bool },
@@ -58,16 +65,41 @@ pub(super) enum Step<'d, D> {
     Outage(ErrorInfo),
 }
 
-/// Decides one record's step from its verdict, the failed attempts it has used before this
-/// one, and whether the breaker is closed (while it is not, the app is having an outage:
-/// failures do not use up attempts). Pure.
+/// The attempts a record has where it is now (in place, or one from a retry tier) and where
+/// it goes once they are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Budget {
+    /// Attempts here (`retry.max_attempts`, `retry_topics.in_place_attempts`, or 1 from a tier).
+    pub max_attempts: u32,
+    /// Attempts made before the record was read (from a retry tier).
+    pub prior: u32,
+    /// The retry tier (index) it goes to next; `None`: the DLQ.
+    pub next_tier: Option<usize>,
+}
+
+impl Budget {
+    /// Retries in place only (no retry tiers).
+    pub(super) fn in_place(max_attempts: u32) -> Self {
+        Self {
+            max_attempts,
+            prior: 0,
+            next_tier: None,
+        }
+    }
+}
+
+/// Decides one record's step from its verdict, the failed attempts it has used here before
+/// this one, its budget, and whether the breaker is closed (while it is not, the app is
+/// having an outage: failures do not use up attempts, and no record moves to a retry tier).
+/// Poison skips the tiers. Pure.
 pub(super) fn decide<D>(
     verdict: Verdict,
     failures: u32,
-    max_attempts: u32,
+    budget: Budget,
     breaker_closed: bool,
     dlq: Option<&D>,
 ) -> Step<'_, D> {
+    let max_attempts = budget.max_attempts;
     let verdict = match verdict {
         Verdict::Retry(error, after) if !breaker_closed => Verdict::Busy(error, after),
         v => v,
@@ -76,10 +108,14 @@ pub(super) fn decide<D>(
         (Verdict::Success, _) => Step::Delivered,
         (Verdict::Poison(error), Some(dlq)) => Step::DeadLetter(dlq, error),
         (Verdict::Retry(_, after), _) if failures + 1 < max_attempts => Step::Retry { after, counted: true },
-        (Verdict::Retry(error, _), Some(dlq)) => {
-            let message = format!("{} (gave up after {} attempts)", error.message, failures + 1);
-            Step::DeadLetter(dlq, ErrorInfo::new(error.class, message))
-        }
+        (Verdict::Retry(error, _), Some(dlq)) => match budget.next_tier {
+            Some(tier) => Step::Tier(dlq, tier, error),
+            None => {
+                let attempts = budget.prior.saturating_add(failures + 1);
+                let message = format!("{} (gave up after {attempts} attempts)", error.message);
+                Step::DeadLetter(dlq, ErrorInfo::new(error.class, message))
+            }
+        },
         (Verdict::Poison(error) | Verdict::Retry(error, _), None) => Step::Hold(error),
         (Verdict::Busy(_, after), _) => Step::Retry { after, counted: false },
         (Verdict::Outage(error), _) => Step::Outage(error),
@@ -98,7 +134,7 @@ pub(super) struct NextTry {
 impl NextTry {
     pub(super) fn note<D>(&mut self, step: &Step<'_, D>, max_backoff: Duration) {
         match step {
-            Step::Delivered | Step::DeadLetter(..) => {}
+            Step::Delivered | Step::DeadLetter(..) | Step::Tier(..) => {}
             Step::Retry { after, .. } => self.wait = self.wait.max(*after),
             Step::Hold(_) => self.wait = self.wait.max(Some(max_backoff)),
             Step::Outage(error) => self.outage = Some(error.clone()),
@@ -133,13 +169,10 @@ impl Worker {
         let mut settled = Vec::new();
         let mut next = NextTry::default();
         for (mut o, verdict) in sending.into_iter().zip(verdicts) {
-            let step = decide(
-                verdict,
-                o.failures,
-                self.retry.max_attempts,
-                breaker_closed,
-                self.dlq.as_ref(),
-            );
+            if let (Verdict::Retry(error, _) | Verdict::Poison(error), None) = (&verdict, &o.first_failure) {
+                o.first_failure = Some(Failure::from_error(error));
+            }
+            let step = decide(verdict, o.failures, self.budget(&o), breaker_closed, self.dlq.as_ref());
             next.note(&step, self.retry.max_backoff);
             match step {
                 Step::Delivered => settled.push(Settled {
@@ -148,6 +181,7 @@ impl Worker {
                     error: None,
                 }),
                 Step::DeadLetter(dlq, error) => settled.push(self.dead_letter(dlq, o, attempt, &error).await?),
+                Step::Tier(dlq, tier, error) => settled.push(self.to_tier(dlq, o, attempt, tier, &error).await?),
                 Step::Retry { counted, .. } => {
                     o.failures += u32::from(counted);
                     self.metrics.record_outcome(o.record, "retried");
@@ -179,8 +213,25 @@ impl Worker {
     /// finishes the records, so that no offset is committed before its key is done. With
     /// `dedup.on_error = "pause"` a failing store is retried until it answers.
     pub(super) async fn settle(&self, settled: Vec<Settled<'_>>, attempts: u32) -> Result<(), Stopped> {
-        if let (Some(gate), false) = (&self.dedup, settled.is_empty()) {
-            let items: Vec<(&Record, &str)> = settled.iter().map(|s| (s.open.record, s.open.key.as_str())).collect();
+        if let Some(gate) = &self.dedup {
+            // A record moved to a retry tier is not done: its claim is let go, so that its
+            // delivery from the tier is not taken for a duplicate.
+            let tiered: Vec<(&Record, &str)> = settled
+                .iter()
+                .filter(|s| s.outcome == TIERED)
+                .map(|s| (s.open.record, s.open.key.as_str()))
+                .collect();
+            if !tiered.is_empty() {
+                gate.release(&tiered).await;
+            }
+        }
+        let done = settled.iter().filter(|s| s.outcome != TIERED).count();
+        if let (Some(gate), true) = (&self.dedup, done > 0) {
+            let items: Vec<(&Record, &str)> = settled
+                .iter()
+                .filter(|s| s.outcome != TIERED)
+                .map(|s| (s.open.record, s.open.key.as_str()))
+                .collect();
             let mut backoff = Backoff::from_config(&self.retry);
             let mut failures = 0u32;
             loop {
@@ -220,6 +271,9 @@ impl Worker {
         let record = o.record;
         if self.tracker.finish(&tp(record), record.offset, record.generation) {
             self.metrics.record_finished(record, outcome);
+            if let (Some(_), "delivered") = (&o.retry, outcome) {
+                self.metrics.retry_tier_delivered(&record.topic);
+            }
         }
         o.span.end(outcome, attempts, error);
     }
@@ -282,6 +336,7 @@ impl Worker {
         // job's span names only the first record's).
         let log_span = tracing::info_span!("record", trace_id = %o.span.trace_id(), span_id = %o.span.span_id());
         let entered = log_span.enter();
+        let attempts = o.prior_attempts().saturating_add(attempts);
         tracing::warn!(
             topic = %record.topic, partition = record.partition, offset = record.offset,
             error_class = %error.class, error = %error.message, attempts,
@@ -307,6 +362,95 @@ impl Worker {
             outcome: "dead_lettered",
             error: Some(error.message.clone()),
         })
+    }
+}
+
+impl Worker {
+    /// The attempts `o` has where it is now, and where it goes after them.
+    pub(super) fn budget(&self, o: &Open<'_>) -> Budget {
+        match &self.tiers {
+            None => Budget::in_place(self.retry.max_attempts),
+            Some(tiers) => {
+                let pass = tiers.pass(&o.record.topic);
+                Budget {
+                    max_attempts: pass.max_attempts,
+                    prior: o.prior_attempts(),
+                    next_tier: pass.next_tier,
+                }
+            }
+        }
+    }
+
+    /// Writes a record that used its attempts here to retry tier `tier` (through the DLQ
+    /// producer: finished only once the broker acknowledged the write). A record too large
+    /// for the tier topic is dead-lettered instead.
+    pub(super) async fn to_tier<'a>(
+        &self,
+        dlq: &DeadLetters,
+        o: Open<'a>,
+        attempt: u32,
+        tier_index: usize,
+        error: &ErrorInfo,
+    ) -> Result<Settled<'a>, Stopped> {
+        let Some(tier) = self.tiers.as_ref().and_then(|t| t.get(tier_index)) else {
+            // Budget only names configured tiers; dead-letter rather than lose the record.
+            return self.dead_letter(dlq, o, attempt, error).await;
+        };
+        let record = o.record;
+        let attempts = o.prior_attempts().saturating_add(attempt);
+        let now = retry_topics::now_ms();
+        let last = Failure::from_error(error);
+        let first = o.first_failure.clone().unwrap_or_else(|| last.clone());
+        let own = retry_topics::Origin::of(record);
+        let origin = o.retry.as_ref().map_or(&own, |r| &r.origin);
+        let delay_ms = i64::try_from(tier.delay.as_millis()).unwrap_or(i64::MAX);
+        let headers = Move {
+            origin,
+            tier: tier_index,
+            attempts,
+            first: &first,
+            last: &last,
+            not_before_ms: now.saturating_add(delay_ms),
+            group: &self.group,
+            history: o.retry.as_ref().map_or("", |r| r.history.as_str()),
+            now_ms: now,
+        }
+        .headers();
+        tracing::info!(
+            topic = %record.topic, partition = record.partition, offset = record.offset,
+            error_class = %error.class, attempts, retry_topic = %tier.topic, delay = ?tier.delay,
+            "moving record to a retry tier"
+        );
+        match dlq
+            .send_to_tier(record, &tier.topic, &headers, &o.trace, &self.hard_stop)
+            .await
+        {
+            Ok(()) => {
+                self.metrics.retry_tier_sent(&tier.topic);
+                Ok(Settled {
+                    open: o,
+                    outcome: TIERED,
+                    error: Some(error.message.clone()),
+                })
+            }
+            Err(TierWriteError::TooLarge) => {
+                tracing::warn!(
+                    topic = %record.topic, partition = record.partition, offset = record.offset,
+                    retry_topic = %tier.topic,
+                    "record too large for the retry tier topic; dead-lettering it instead \
+                     (raise max.message.bytes of the tier topic)"
+                );
+                let error = ErrorInfo::new(
+                    error.class.clone(),
+                    format!("{} (too large for retry tier {})", error.message, tier.topic),
+                );
+                self.dead_letter(dlq, o, attempt, &error).await
+            }
+            Err(TierWriteError::Interrupted) => {
+                o.span.end("abandoned", attempts, Some("shutdown grace period over"));
+                Err(Stopped)
+            }
+        }
     }
 }
 
@@ -381,7 +525,89 @@ mod tests {
                 "{verdict:?}, failures {failures}, breaker closed {closed}, dlq {}",
                 dlq.is_some()
             );
-            assert_eq!(decide(verdict, failures, MAX, closed, dlq), expected, "{case}");
+            assert_eq!(
+                decide(verdict, failures, Budget::in_place(MAX), closed, dlq),
+                expected,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn with_retry_tiers_an_exhausted_record_moves_to_the_next_tier_but_poison_and_outages_never_do() {
+        let to_tier = |next_tier| Budget {
+            max_attempts: 2,
+            prior: 0,
+            next_tier,
+        };
+        let last_tier = Budget {
+            max_attempts: 1,
+            prior: 4,
+            next_tier: None,
+        };
+        let table = [
+            (
+                retry(None),
+                0,
+                true,
+                to_tier(Some(0)),
+                Step::Retry {
+                    after: None,
+                    counted: true,
+                },
+            ),
+            (
+                retry(None),
+                1,
+                true,
+                to_tier(Some(0)),
+                Step::Tier(&(), 0, error("http_500")),
+            ),
+            (
+                retry(None),
+                0,
+                true,
+                Budget {
+                    max_attempts: 1,
+                    ..to_tier(Some(1))
+                },
+                Step::Tier(&(), 1, error("http_500")),
+            ),
+            (retry(None), 0, true, last_tier, Step::DeadLetter(&(), exhausted(5))),
+            // Poison skips the tiers.
+            (
+                poison(),
+                0,
+                true,
+                to_tier(Some(0)),
+                Step::DeadLetter(&(), error("http_422")),
+            ),
+            // An open breaker (an outage) never moves a record to a tier.
+            (
+                retry(None),
+                1,
+                false,
+                to_tier(Some(0)),
+                Step::Retry {
+                    after: None,
+                    counted: false,
+                },
+            ),
+            (outage(), 5, true, to_tier(Some(0)), Step::Outage(error("unreachable"))),
+            (
+                busy(None),
+                5,
+                true,
+                to_tier(Some(0)),
+                Step::Retry {
+                    after: None,
+                    counted: false,
+                },
+            ),
+        ];
+        for (verdict, failures, closed, budget, expected) in table {
+            let case = format!("{verdict:?}, failures {failures}, closed {closed}, {budget:?}");
+            assert_eq!(decide(verdict, failures, budget, closed, DLQ), expected, "{case}");
         }
     }
 
