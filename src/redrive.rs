@@ -1,7 +1,7 @@
 //! DLQ redrive: the `kafka-sidecar dlq inspect|replay` commands.
 //!
 //! `inspect` reads the dead-letter topic from its beginning to its end (as it was when the
-//! command started) and shows the dead letters; it never commits and joins no group, so it
+//! command started) and shows the dead letters; it never commits and never subscribes, so it
 //! moves nobody's position. `replay` reads it with its own consumer group, re-produces each
 //! selected dead letter to its source topic (or another topic), and commits its position only
 //! after the writes are acknowledged: a second run continues where the first stopped, and a
@@ -154,17 +154,16 @@ struct Reader {
 }
 
 impl Reader {
-    /// Connects, finds the topic's partitions and watermarks, and assigns them. `group` is
-    /// the consumer group to take positions from and commit to (`None`: no group at all).
-    fn open(cfg: &Config, topic: &str, group: Option<&str>, at: StartAt, timeout: Duration) -> Result<Self, Failure> {
+    /// Connects, finds the topic's partitions and watermarks, and assigns them (no
+    /// subscription, so the reader never joins `group`). `group` is the consumer group whose
+    /// committed position [`StartAt::Committed`] starts from and [`Reader::commit`] moves.
+    fn open(cfg: &Config, topic: &str, group: &str, at: StartAt, timeout: Duration) -> Result<Self, Failure> {
         let mut cc: ClientConfig = connection_config(cfg, "-dlq-tool");
         cc.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
-            .set("queued.max.messages.kbytes", "16384");
-        if let Some(g) = group {
-            cc.set("group.id", g);
-        }
+            .set("queued.max.messages.kbytes", "16384")
+            .set("group.id", group);
         let consumer: BaseConsumer<KafkaLogContext> = cc
             .create_with_context(KafkaLogContext::quiet())
             .map_err(|e| Failure::Usage(format!("cannot create the Kafka consumer: {e}")))?;

@@ -1,6 +1,6 @@
 //! `kafka-sidecar dlq inspect`: shows dead letters and counts them by error class.
 //!
-//! Read-only: the reader joins no consumer group and never commits, so neither the sidecar's
+//! Read-only: the reader never subscribes (so joins no group) and never commits, so neither the sidecar's
 //! nor the replay group's position moves. It reads the whole DLQ up to its end at the start
 //! (the counts cover every record), and shows the first `--limit` records. Every text taken
 //! from a record (header values, the value's first bytes) is escaped
@@ -124,7 +124,10 @@ impl ClassCounts {
 
 pub fn run(cfg: &Config, args: &InspectArgs) -> Result<(), Failure> {
     let topic = dlq_topic(cfg, args.common.dlq.as_deref())?;
-    let mut reader = Reader::open(cfg, &topic, None, StartAt::Beginning, args.common.timeout)?;
+    // librdkafka needs a group id to assign partitions; this one only names the client: the
+    // reader never subscribes (so never joins the group) and never commits.
+    let group = format!("{}-dlq-inspect", cfg.kafka.group_id);
+    let mut reader = Reader::open(cfg, &topic, &group, StartAt::Beginning, args.common.timeout)?;
     let mut progress = Progress::new(reader.total());
     let mut rows = Vec::new();
     let mut classes = ClassCounts::default();

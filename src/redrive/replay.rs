@@ -289,7 +289,7 @@ pub fn run(cfg: &Config, args: &ReplayArgs) -> Result<(), Failure> {
         .clone()
         .unwrap_or_else(|| group_name(&cfg.kafka.group_id, args));
     let timeout = args.common.timeout;
-    let mut reader = Reader::open(cfg, &topic, Some(&group), StartAt::Committed, timeout)?;
+    let mut reader = Reader::open(cfg, &topic, &group, StartAt::Committed, timeout)?;
     let producer = if args.dry_run { None } else { Some(producer(cfg)?) };
     if let (Destination::Topic(t), Some(_)) = (&sel.to, &producer) {
         super::topic_partitions(&reader.consumer, t, timeout, &cfg.kafka.brokers)?;
