@@ -3,7 +3,8 @@
 //!
 //! A record's path, top to bottom: [`source`] (poll, rebalance) → [`scheduler`] (ordering,
 //! in-flight bound, batching) → [`worker`] (retry loop) → [`delivery`] (HTTP) / [`dlq`] →
-//! [`offsets`] (watermark commits). [`app`] wires them together. The stages meet only in
+//! [`offsets`] (watermark commits). [`app`] wires them together; [`redrive`] is the
+//! `dlq inspect|replay` tooling. The stages meet only in
 //! [`pipeline`] (the types they hand each other); every Kafka client takes its settings and
 //! callbacks from [`kafka_client`]. docs/architecture.md walks a record through the modules
 //! and states who may import whom (checked by `tests/architecture.rs`).
@@ -24,6 +25,7 @@ pub mod offsets;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod record;
+pub mod redrive;
 pub mod retry;
 pub mod retry_topics;
 pub mod scheduler;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kafka_sidecar::config::{redact, Config, LogFormat};
+use kafka_sidecar::redrive::DlqCommand;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -33,12 +34,20 @@ enum Command {
         #[arg(long, env = "KAFKA_SIDECAR_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Inspect the dead-letter topic, or replay dead letters once the app is fixed.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run { config } | Command::CheckConfig { config }) = &cli.command;
-    let cfg = match Config::load(config.as_deref()) {
+    let config = match &cli.command {
+        Command::Run { config } | Command::CheckConfig { config } => config.as_deref(),
+        Command::Dlq { command } => command.config(),
+    };
+    let cfg = match Config::load(config) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprint!("kafka-sidecar: {e}");
@@ -53,6 +62,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { .. } => run(cfg),
+        Command::Dlq { command } => {
+            init_tool_logging();
+            kafka_sidecar::redrive::run(&cfg, &command)
+        }
     }
 }
 
@@ -104,6 +117,16 @@ async fn watch_signals(shutdown: CancellationToken) {
             std::process::exit(130);
         }
     }
+}
+
+/// The `dlq` tools log warnings and errors only (`RUST_LOG` overrides), as text on stderr.
+fn init_tool_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(redact::StderrWriter)
+        .init();
 }
 
 /// Logs to stderr, scrubbed of secrets. JSON lines written inside a delivery carry its
