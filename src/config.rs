@@ -168,6 +168,7 @@ pub struct AppConfig {
     pub connect_timeout: Duration,
     /// Readiness gate: when set, the sidecar joins the consumer group only after a GET here
     /// answers 2xx (so it never consumes before the app can take records). Empty: no gate.
+    /// With a unix:// `url`, the same socket: "unix:///var/run/app/app.sock:/healthz".
     #[serde(deserialize_with = "lenient_string")]
     pub health_url: String,
     /// Extra HTTP headers sent with every request (e.g. an auth token).
