@@ -26,6 +26,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod app_url;
 mod breaker;
 mod dedup;
 pub mod duration;
@@ -38,6 +39,7 @@ pub mod redact;
 mod retry_topics;
 mod telemetry;
 
+pub use self::app_url::AppTarget;
 pub use self::breaker::BreakerConfig;
 pub use self::dedup::{DedupConfig, KeySource, OnError};
 pub use self::rate_limit::RateLimitConfig;
@@ -156,7 +158,9 @@ pub enum DeliveryMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppConfig {
-    /// URL the records are POSTed to. Required.
+    /// Where the records are POSTed. Required. An http:// or https:// URL, or a Unix domain
+    /// socket and an HTTP path: "unix:///var/run/app/app.sock:/records" (socket path up to the
+    /// first ':', which it cannot contain; plain HTTP with Host: localhost).
     #[serde(deserialize_with = "lenient_string")]
     pub url: String,
     /// "single" (one record per request) or "batch" (JSON envelope, see README).
@@ -169,6 +173,7 @@ pub struct AppConfig {
     pub connect_timeout: Duration,
     /// Readiness gate: when set, the sidecar joins the consumer group only after a GET here
     /// answers 2xx (so it never consumes before the app can take records). Empty: no gate.
+    /// With a unix:// `url`, the same socket: "unix:///var/run/app/app.sock:/healthz".
     #[serde(deserialize_with = "lenient_string")]
     pub health_url: String,
     /// Extra HTTP headers sent with every request (e.g. an auth token).
@@ -414,14 +419,20 @@ impl Config {
         if k.commit_interval.is_zero() {
             bad("kafka.commit_interval", "must be greater than 0");
         }
-        match reqwest::Url::parse(&self.app.url) {
-            _ if self.app.url.is_empty() => bad("app.url", "is required (e.g. \"http://127.0.0.1:8080/records\")"),
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            Ok(_) => bad("app.url", "must be an http:// or https:// URL"),
-            Err(e) => bad("app.url", &format!("is not a valid URL: {e}")),
+        let target = AppTarget::parse(&self.app.url);
+        if let Err(e) = &target {
+            bad("app.url", e);
         }
-        if !self.app.health_url.is_empty() && reqwest::Url::parse(&self.app.health_url).is_err() {
-            bad("app.health_url", "is not a valid URL");
+        if !self.app.health_url.is_empty() {
+            match (AppTarget::parse(&self.app.health_url), &target) {
+                (Err(_), _) => bad("app.health_url", "is not a valid URL"),
+                // One client serves both: over a socket, the health check uses the same socket.
+                (Ok(health), Ok(app)) if health.socket() != app.socket() => bad(
+                    "app.health_url",
+                    "must use the same transport as app.url (with a unix:// app.url, the same socket: \"unix://<socket>:/healthz\")",
+                ),
+                _ => {}
+            }
         }
         if self.app.timeout.is_zero() {
             bad("app.timeout", "must be greater than 0");
@@ -858,6 +869,27 @@ mod tests {
         let toml = format!("{MINIMAL}\n[retry]\nmax_attempts = 0\nnon_retryable_statuses = [200]\n");
         let keys = keys(load(&toml, &[]).unwrap_err());
         assert_eq!(keys, vec!["retry.max_attempts", "retry.non_retryable_statuses"]);
+    }
+
+    #[test]
+    fn a_unix_socket_app_url_is_accepted_and_a_bad_one_is_named_with_its_reason() {
+        let base = MINIMAL.replace(
+            "url = \"http://127.0.0.1:8080/\"",
+            "url = \"unix:///run/app/app.sock:/records\"",
+        );
+        let c = load(&base, &[]).unwrap();
+        assert_eq!(c.app.url, "unix:///run/app/app.sock:/records");
+        let health = format!("{base}\nhealth_url = \"unix:///run/app/app.sock:/healthz\"\n");
+        assert!(load(&health, &[]).is_ok());
+        let other_socket = format!("{base}\nhealth_url = \"unix:///run/other.sock:/healthz\"\n");
+        let e = load(&other_socket, &[]).unwrap_err();
+        assert!(e.to_string().contains("same socket"), "{e}");
+        assert_eq!(keys(e), vec!["app.health_url"]);
+        let tcp_health = format!("{base}\nhealth_url = \"http://127.0.0.1:8080/healthz\"\n");
+        assert_eq!(keys(load(&tcp_health, &[]).unwrap_err()), vec!["app.health_url"]);
+        let bad = load(&base, &[("KAFKA_SIDECAR_APP__URL", "unix://app.sock:/records")]).unwrap_err();
+        assert!(bad.to_string().contains("absolute socket path"), "{bad}");
+        assert_eq!(keys(bad), vec!["app.url"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use base64::Engine;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AppConfig, DeliveryMode};
+use crate::config::{AppConfig, AppTarget, DeliveryMode};
 use crate::record::Record;
 use crate::retry::{parse_retry_after, ErrorInfo, Transport};
 use crate::retry_topics::RetryInfo;
@@ -178,16 +178,20 @@ impl AppClient {
         for (name, value) in &cfg.headers {
             default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
         }
-        let client = reqwest::Client::builder()
+        let target = AppTarget::parse(&cfg.url).map_err(|e| anyhow::anyhow!("app.url {e}"))?;
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
-            .default_headers(default_headers)
-            .build()?;
+            .default_headers(default_headers);
+        if let Some(socket) = target.socket() {
+            // Every connection goes to the socket; the URL then only gives the path and Host.
+            builder = builder.unix_socket(std::path::Path::new(socket));
+        }
         Ok(Self {
-            client,
-            url: cfg.url.parse()?,
+            client: builder.build()?,
+            url: target.request_url().parse()?,
             mode: cfg.mode,
             group_header,
             max_header_bytes: usize::try_from(cfg.max_header_bytes.as_u64()).unwrap_or(usize::MAX),
@@ -235,11 +239,13 @@ impl AppClient {
         }
     }
 
-    /// Readiness gate: polls `url` until it answers 2xx. False if `stop` fires first.
+    /// Readiness gate: polls `url` (`app.health_url`, on the same transport as `app.url`)
+    /// until it answers 2xx. False if `stop` fires first.
     pub async fn wait_healthy(&self, url: &str, stop: &tokio_util::sync::CancellationToken) -> bool {
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let request_url = AppTarget::parse(url).map_or_else(|_| url.to_string(), |t| t.request_url());
         for n in 0u64.. {
-            let status = self.client.get(url).send().await.map(|r| r.status());
+            let status = self.client.get(&request_url).send().await.map(|r| r.status());
             match status {
                 Ok(s) if s.is_success() => {
                     tracing::info!(url = %crate::config::redact::url(url), "app is healthy; joining the consumer group");

@@ -88,7 +88,9 @@ pub struct Scheduler<R> {
     settings: Settings,
     worker: Arc<R>,
     in_flight: Arc<InFlight>,
-    lanes: HashMap<LaneKey, Lane>,
+    /// Lanes by key: hashed with foldhash (seeded per process, like std's RandomState, but a
+    /// fraction of SipHash's cost: each record's key is hashed several times here).
+    lanes: HashMap<LaneKey, Lane, foldhash::fast::RandomState>,
     /// Lanes that are not busy and have queued records (may hold stale keys; checked on pop).
     ready: VecDeque<LaneKey>,
     /// Records (and their bytes) in ready lanes, and since when some have been waiting
@@ -107,7 +109,7 @@ impl<R: JobRunner> Scheduler<R> {
             settings,
             worker,
             in_flight,
-            lanes: HashMap::new(),
+            lanes: HashMap::default(),
             ready: VecDeque::new(),
             ready_records: 0,
             ready_bytes: 0,

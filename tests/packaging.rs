@@ -404,3 +404,46 @@ fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
         }
     }
 }
+
+#[test]
+fn a_unix_socket_app_shares_one_emptydir_with_the_sidecar_and_the_url_must_point_into_it() {
+    let url = "sidecar.config.app.url=unix:///var/run/kafka-sidecar-app/app.sock:/records";
+    let args = ["--set", "unixSocket.enabled=true", "--set", url];
+    let mut all = vec!["--show-only", "templates/deployment.yaml"];
+    all.extend_from_slice(&args);
+    let rendered = helm_template(&chart(), "kafka-sidecar", &all);
+    assert!(
+        rendered.contains("- name: app-socket\n          emptyDir: {}\n"),
+        "no emptyDir for the socket in:\n{rendered}"
+    );
+    let mount = "- name: app-socket\n              mountPath: /var/run/kafka-sidecar-app\n";
+    assert_eq!(
+        rendered.matches(mount).count(),
+        2,
+        "mounted in the app and the sidecar:\n{rendered}"
+    );
+    let effective = assert_valid("unixSocket", &config_toml(&render_configmap(&args)));
+    assert!(
+        effective.contains(r#"url = "unix:///var/run/kafka-sidecar-app/app.sock:/records""#),
+        "{effective}"
+    );
+    // Off by default: no socket volume.
+    let default = helm_template(&chart(), "kafka-sidecar", &["--show-only", "templates/deployment.yaml"]);
+    assert!(!default.contains("app-socket"), "{default}");
+    // A URL that does not point into the shared directory fails the render.
+    let out = Command::new(helm())
+        .args(["template", "kafka-sidecar"])
+        .arg(chart())
+        .args(["--set", "unixSocket.enabled=true"])
+        .output()
+        .expect("failed to run helm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an http:// app.url with unixSocket.enabled rendered"
+    );
+    assert!(
+        stderr.contains("unixSocket.enabled: sidecar.config.app.url"),
+        "{stderr}"
+    );
+}

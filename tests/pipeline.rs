@@ -540,3 +540,114 @@ async fn keys_headers_and_tombstones_reach_the_app_losslessly() {
     assert!(second.value.is_empty());
     assert!(!second.headers.contains_key("x-kafka-headers"));
 }
+
+/// Delivers `records` records of `topic` to `app` with a fresh group in `mode`; checks that
+/// each arrived once and the commits reached the end.
+async fn deliver_all_over(app: &TestApp, topic: &str, partitions: i32, records: usize, mode: &'static str) {
+    let before = app.delivered_count();
+    let mut cfg = SidecarConfig::new(topic, app);
+    cfg.mode = mode;
+    cfg.extra = "[batch]\nmax_records = 50\nlinger = \"10ms\"\n".into();
+    let _sidecar = Sidecar::start(&cfg);
+    assert!(
+        wait_until(2 * MINUTE, || app.delivered_count() >= before + records).await,
+        "{mode}: only {} of {records} delivered over {}",
+        app.delivered_count() - before,
+        app.url()
+    );
+    let (committed, ends) = wait_committed_to_end(&cfg.group, topic, partitions, MINUTE).await;
+    assert_eq!(committed, ends, "{mode}: committed offsets must reach the end offsets");
+    assert_each_offset_once(&app.delivered()[before..], records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_an_app_on_a_unix_socket_in_single_and_batch_mode() {
+    require_kafka();
+    let topic = unique("uds");
+    create_topic(&topic, 3).await;
+    produce(
+        &topic,
+        (0..1500)
+            .map(|i| Out::keyed(format!("k{}", i % 40), format!("v{i}")))
+            .collect(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start_unix(&dir.path().join("app.sock"), |_| Answer::ok()).await;
+    assert!(app.url().starts_with("unix:///"), "{}", app.url());
+
+    deliver_all_over(&app, &topic, 3, 1500, "single").await;
+    let single = app.delivered();
+    assert!(
+        single
+            .iter()
+            .all(|r| r.headers.get("host").is_some_and(|h| h == "localhost")),
+        "requests over the socket carry Host: localhost"
+    );
+    assert!(single.iter().all(|r| r.value_str().starts_with('v') && r.key.is_some()));
+
+    deliver_all_over(&app, &topic, 3, 1500, "batch").await;
+    assert!(app.max_batch() > 1, "batch mode sent batches over the socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_whose_unix_socket_is_gone_is_an_outage_that_dead_letters_nothing() {
+    require_kafka();
+    let topic = unique("uds-outage");
+    let dlq = unique("uds-outage-dlq");
+    create_topic(&topic, 3).await;
+    create_topic(&dlq, 1).await;
+    produce(
+        &topic,
+        (0..2000)
+            .map(|i| Out::keyed(format!("k{}", i % 50), format!("v{i}")))
+            .collect(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let app = TestApp::start_unix(&socket, |_| Answer {
+        delay: Duration::from_millis(2),
+        ..Answer::ok()
+    })
+    .await;
+    let mut cfg = SidecarConfig::new(&topic, &app);
+    cfg.dlq = Some(dlq.clone());
+    cfg.workers = 4;
+    let sidecar = Sidecar::start(&cfg);
+
+    assert!(
+        wait_until(MINUTE, || app.delivered_count() >= 300).await,
+        "stream did not start"
+    );
+    // The socket file is removed: connecting fails (ENOENT), like a refused TCP connection.
+    app.stop();
+    let during = app.delivered_count();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!socket.exists(), "the socket is gone during the outage");
+    // A socket file that nobody listens on: connections are refused (ECONNREFUSED).
+    let stale = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    drop(stale);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(during < 2000, "the outage must happen mid-stream");
+    let log = sidecar.log();
+    assert!(
+        log.contains("app unreachable"),
+        "the outage is logged as the app being unreachable:\n{log}"
+    );
+    let app = app.restart().await;
+
+    assert!(
+        wait_until(2 * MINUTE, || app
+            .delivered()
+            .iter()
+            .map(|r| r.id())
+            .collect::<HashSet<_>>()
+            .len()
+            >= 2000)
+        .await
+    );
+    let (committed, ends) = wait_committed_to_end(&cfg.group, &topic, 3, MINUTE).await;
+    assert_eq!(committed, ends);
+    assert_eq!(end_offsets(&dlq, 1), vec![0], "an outage dead-letters nothing");
+}

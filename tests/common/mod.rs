@@ -585,23 +585,45 @@ struct AppState {
     max_batch: AtomicUsize,
 }
 
-/// A real HTTP server standing in for the app. Single-mode requests only.
+/// A real HTTP server standing in for the app, on a TCP port or a Unix domain socket.
 pub struct TestApp {
     state: Arc<AppState>,
     pub port: u16,
+    /// The Unix socket it listens on instead of a TCP port ([`TestApp::start_unix`]).
+    pub socket: Option<PathBuf>,
     stop: CancellationToken,
 }
 
 impl TestApp {
     pub async fn start(behavior: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> Self {
-        let state = Arc::new(AppState {
+        Self::serve(Self::state(behavior), 0).await
+    }
+
+    /// The same app listening on the Unix domain socket `socket` (its URL is `unix://...`).
+    pub async fn start_unix(
+        socket: &std::path::Path,
+        behavior: impl Fn(&Request) -> Answer + Send + Sync + 'static,
+    ) -> Self {
+        Self::serve_unix(Self::state(behavior), socket.to_path_buf()).await
+    }
+
+    fn state(behavior: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> Arc<AppState> {
+        Arc::new(AppState {
             behavior: Arc::new(behavior),
             requests: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             max_batch: AtomicUsize::new(0),
-        });
-        Self::serve(state, 0).await
+        })
+    }
+
+    fn router(state: Arc<AppState>) -> Router {
+        Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .fallback(handle)
+            // Records up to the broker's size limits, base64-encoded in a batch.
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+            .with_state(state)
     }
 
     async fn serve(state: Arc<AppState>, port: u16) -> Self {
@@ -610,12 +632,7 @@ impl TestApp {
             .expect("bind app");
         let port = listener.local_addr().unwrap().port();
         let stop = CancellationToken::new();
-        let app = Router::new()
-            .route("/health", axum::routing::get(|| async { "ok" }))
-            .fallback(handle)
-            // Records up to the broker's size limits, base64-encoded in a batch.
-            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-            .with_state(state.clone());
+        let app = Self::router(state.clone());
         let s = stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -623,22 +640,57 @@ impl TestApp {
                 .await
                 .unwrap();
         });
-        Self { state, port, stop }
+        Self {
+            state,
+            port,
+            socket: None,
+            stop,
+        }
+    }
+
+    async fn serve_unix(state: Arc<AppState>, socket: PathBuf) -> Self {
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind the app's unix socket");
+        let stop = CancellationToken::new();
+        let app = Self::router(state.clone());
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+                .unwrap();
+        });
+        Self {
+            state,
+            port: 0,
+            socket: Some(socket),
+            stop,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/records", self.port)
+        match &self.socket {
+            Some(socket) => format!("unix://{}:/records", socket.display()),
+            None => format!("http://127.0.0.1:{}/records", self.port),
+        }
     }
 
-    /// Stops listening (connections are refused until [`TestApp::restart`]).
+    /// Stops listening (connections are refused until [`TestApp::restart`]; a Unix socket's
+    /// file is removed, as when the app's container is gone).
     pub fn stop(&self) {
         self.stop.cancel();
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 
-    /// Listens again on the same port with the same state.
+    /// Listens again on the same port (or socket) with the same state.
     pub async fn restart(self) -> Self {
-        self.stop.cancel();
+        self.stop();
         let state = self.state.clone();
+        if let Some(socket) = self.socket.clone() {
+            return Self::serve_unix(state, socket).await;
+        }
         for _ in 0..50 {
             if tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.is_ok() {
                 break;

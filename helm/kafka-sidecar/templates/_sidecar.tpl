@@ -8,6 +8,9 @@ Each takes one argument, a dict:
   name       the name of the sidecar's ConfigMap (ignored with values.existingConfigMap)
   namespace  optional: metadata.namespace of the ConfigMap
   labels     optional: labels of the ConfigMap
+  socketDir  optional: the directory of the app's Unix socket (unixSocket.dir): mounted from
+             the pod volume `app-socket` (an emptyDir the app mounts too); app.url must then be
+             "unix://<socketDir>/<file>:<path>"
   terminationGracePeriodSeconds
              optional: the pod's; kafka-sidecar.container then fails the render if it is not
              at least shutdown.grace_period + 5s
@@ -156,6 +159,12 @@ data:
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least sidecar.config.shutdown.grace_period (%s) + 5s, the time to commit offsets and leave the group after the drain" (int .terminationGracePeriodSeconds) (toString $grace)) -}}
 {{- end -}}
 {{- end -}}
+{{- with .socketDir -}}
+{{- $url := toString (get (get ($v.config | default dict) "app" | default dict) "url" | default "") -}}
+{{- if not (hasPrefix (printf "unix://%s/" (trimSuffix "/" (toString .))) $url) -}}
+{{- fail (printf "unixSocket.enabled: sidecar.config.app.url (%q) must be \"unix://%s/<socket file>:/<path>\", a socket in the shared emptyDir" $url (trimSuffix "/" (toString .))) -}}
+{{- end -}}
+{{- end -}}
 - name: kafka-sidecar
   image: {{ include "kafka-sidecar.image" $v.image | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy | default "IfNotPresent" }}
@@ -223,6 +232,10 @@ data:
     - name: kafka-sidecar-config
       mountPath: /etc/kafka-sidecar
       readOnly: true
+    {{- with .socketDir }}
+    - name: app-socket
+      mountPath: {{ . }}
+    {{- end }}
     {{- with $v.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
