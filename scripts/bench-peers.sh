@@ -482,8 +482,9 @@ for shape in "${SHAPES[@]}"; do
 done
 
 if ((LATENCY)); then
-  lrate="$LATENCY_RATE"
+  lrate="$LATENCY_RATE" lrate_note="BENCH_LATENCY_RATE"
   if [[ -z $lrate ]]; then
+    lrate_note="half the lower single-mode maximum"
     a="$(column "${SHAPES[0]}" sc-key 5 | median)" b="$(column "${SHAPES[0]}" go 5 | median)"
     [[ $a != - && $b != - ]] || die "no single-mode maximum measured for the latency rate (set BENCH_LATENCY_RATE)"
     lrate="$(awk -v a="$a" -v b="$b" 'BEGIN { m = a < b ? a : b; printf "%.0f", m / 2 }')"
@@ -521,7 +522,7 @@ fi
       ref="$(reference "$s")"
       r="$(column "$shape" "$s" 5 | median)" c="$(column "$shape" "$s" 6 | median)"
       rr="$(column "$shape" "$ref" 5 | median)" rc="$(column "$shape" "$ref" 6 | median)"
-      rss="$(column "$shape" "$s" 7 | sort -g | sed -n '1p;$p' | uniq | paste -sd– -)"
+      rss="$(column "$shape" "$s" 7 | sort -g | sed -n '1p;$p' | uniq | awk '{ printf "%s%s", (NR > 1 ? "–" : ""), $1 }')"
       red="$(awk -F'\t' -v s="$shape" -v y="$s" '$1 == s && $2 == y { t += $8 } END { print t + 0 }' "$RUNS")"
       ok="$(awk -F'\t' -v s="$shape" -v y="$s" '$1 == s && $2 == y { n++; if ($4 == "ok") k++ } END { printf "%d/%d", k, n }' "$RUNS")"
       [[ $s == raw ]] && rss="-"
@@ -530,7 +531,7 @@ fi
   done
   if ((${#LAT_ROWS[@]})); then
     echo
-    echo "### End-to-end latency, 1 KiB × 6 partitions, at $lrate records/s (half the lower single-mode maximum)"
+    echo "### End-to-end latency, 1 KiB × 6 partitions, at $lrate records/s ($lrate_note)"
     echo
     echo "Stamp: the Unix time in ns written into the value by examples/rate_producer.go as it hands the"
     echo "line to kcat (linger.ms=0); arrival: examples/latency_app.go. Medians over $ROUNDS round(s) of ${LATENCY_SECONDS} s after a 3 s warm-up."
