@@ -190,7 +190,8 @@ EOF
 
 # start_system SYSTEM NAME APP_URL: starts it in the background, sets SYS_PID.
 start_system() {
-  local sys=$1 name=$2 url=$3 cfg slog="$OUT/$name.log"
+  local sys=$1 name=$2 url=$3 cfg slog
+  slog="$OUT/$name.log"
   case "$sys" in
     sc-key | sc-tcp-app | sc-unix) cfg="$(write_config "$name" key single off "$url")" ;;
     sc-unordered) cfg="$(write_config "$name" unordered single off "$url")" ;;
@@ -418,7 +419,7 @@ fi
 
 # produce_shape SIZE PARTITIONS N -> creates TOPIC and fills it (keys k0..k9999)
 produce_shape() {
-  local size=$1 parts=$2 n=$3 data="$BENCH/data-$3-$1.txt" t0 t1 produced
+  local size=$1 parts=$2 n=$3 data="$BENCH/data-$3-$1.txt" t0 produced
   ((size >= 16)) || die "record size $size: at least 16"
   if [[ ! -s $data ]]; then
     awk -v n="$n" -v size="$size" 'BEGIN {

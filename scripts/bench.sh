@@ -35,7 +35,8 @@
 #   BENCH_WRK=1  BENCH_UNIX=auto (1: fail if unsupported, 0: off)  BENCH_RUN_TIMEOUT=180
 #   BENCH_SIDECAR_BIN (a prebuilt kafka-sidecar binary: no cargo build)
 #   --smoke: 1 round of 10,000 records x 1 KiB x 6 partitions, sc-key sc-batch-key go go-batch,
-#     no latency/wrk/Unix rows (scripts/test.sh runs it; ~1 min warm).
+#     no latency/wrk/Unix rows (scripts/test.sh runs it; ~20 s warm, plus the Go consumer's first
+#     build on a fresh machine, ~1 min).
 #
 # Without --peers:
 # 1. produces N records (value size S bytes, keys k0..k9999) into a fresh topic with P partitions;
