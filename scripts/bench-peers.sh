@@ -270,7 +270,7 @@ run_system() {
       "$TOOLS/bench_app" -unix "$unix_sock" >>"$OUT/bench_app.log" 2>&1 &
       SINK_PID=$!
       wait_count "http://localhost/count" "$unix_sock" bench_app
-      url="unix://$unix_sock" wargs=(-unix "$unix_sock" -url http://localhost/count) ;;
+      url="unix://$unix_sock:/records" wargs=(-unix "$unix_sock" -url http://localhost/count) ;;
     sc-tcp-app)
       "$TOOLS/bench_app" -listen "$SINK_ADDR" >>"$OUT/bench_app.log" 2>&1 &
       SINK_PID=$!
@@ -408,7 +408,7 @@ fi
 UNIX_OK=0
 if [[ $UNIX_ROW == auto || $UNIX_ROW == 1 ]]; then
   GROUP=probe TOPIC=probe ADMIN_ADDR=127.0.0.1:9
-  probe="$(write_config unix-probe key single off "unix://$OUT/app.sock")"
+  probe="$(write_config unix-probe key single off "unix://$OUT/app.sock:/records")"
   if "$BIN" check-config --config "$probe" >"$OUT/unix-probe.log" 2>&1; then
     UNIX_OK=1
   else

@@ -20,7 +20,7 @@
 # the lower single-mode maximum of kafka-sidecar and the Go consumer; examples/rate_producer.go
 # stamps the send time into each value, piped into kcat; examples/latency_app.go measures the
 # arrival) for kafka-sidecar and the Go consumer; when `kafka-sidecar check-config` accepts
-# app.url = "unix://PATH", kafka-sidecar into examples/bench_app.go over a Unix socket vs TCP.
+# app.url = "unix://PATH:/records", kafka-sidecar into examples/bench_app.go over a Unix socket vs TCP.
 # Every row carries its ratio to the Go consumer in the same mode (single/batch). The report goes
 # to ~/.cache/kafka-sidecar/bench/peers-<run>/report.md (each run: runs.tsv) and is printed; it
 # fails (exit 1, with the reasons) if any run does not deliver every record, exits non-zero on
