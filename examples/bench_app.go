@@ -3,9 +3,11 @@
 //
 // Every POST is answered 200 at once and counted: one record in single mode, or the
 // number of records in the JSON envelope in batch mode. GET /count returns
-// "<records> <requests>".
+// "<records> <requests>". With -unix PATH it listens on that Unix domain socket instead of
+// TCP (for the Unix-socket row of scripts/bench.sh --peers; a stale socket file is replaced).
 //
 //	go build -o bench_app examples/bench_app.go && ./bench_app -listen 127.0.0.1:18080
+//	./bench_app -unix /tmp/app.sock
 package main
 
 import (
@@ -14,7 +16,9 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -59,7 +63,17 @@ func handle(w http.ResponseWriter, r *http.Request) {
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:18080", "listen address")
+	unix := flag.String("unix", "", "listen on this Unix domain socket instead of -listen")
 	flag.Parse()
+	if *unix != "" {
+		_ = os.Remove(*unix) // a socket left by an earlier run
+		l, err := net.Listen("unix", *unix)
+		if err != nil {
+			log.Fatal(err)
+		}
+		log.Printf("bench_app listening on unix:%s", *unix)
+		log.Fatal(http.Serve(l, http.HandlerFunc(handle)))
+	}
 	log.Printf("bench_app listening on http://%s", *listen)
 	log.Fatal(http.ListenAndServe(*listen, http.HandlerFunc(handle)))
 }

@@ -1,8 +1,44 @@
 #!/usr/bin/env bash
 # Throughput and memory benchmark of the release sidecar against the local broker.
 #
-#   bash scripts/bench.sh
+#   bash scripts/bench.sh                    # the sidecar alone (below)
+#   bash scripts/bench.sh --peers            # side by side with the peers (next paragraph)
+#   bash scripts/bench.sh --peers --smoke    # the CI smoke of the side-by-side harness
 #
+# --peers (implemented in scripts/bench-peers.sh): the same topic, the same sink, the same broker
+# for every system; each run starts a fresh sink and a fresh system with its own consumer group;
+# BENCH_ROUNDS interleaved rounds over the systems; medians. The peers come from ../shared/peers
+# beside the repository (BENCH_PEERS_DIR overrides; the run fails if they are absent): the Go
+# consumer (sarama), Dapr 1.14 and Camel 4.22, built with their build-*.sh into
+# ~/.cache/kafka-sidecar-peers/ when missing (Dapr: ~4 min), and the neutral sink
+# (../shared/peers/sink, GET /count -> "records requests distinct"). Per run: records/s from the
+# first record at the sink to the last (examples/bench_watch.go polls /count every 5 ms over a
+# keep-alive connection), CPU seconds per million records of the system's process in that
+# window (/proc/PID/stat), peak RSS (VmHWM), redeliveries (records - distinct offsets); the exit
+# status on SIGTERM. Also: the raw read limit (kcat -C, no group, no HTTP); the sink's own request
+# rate under wrk (the single-mode ceiling); end-to-end latency p50/p99/p99.9 at a fixed rate (half
+# the lower single-mode maximum of kafka-sidecar and the Go consumer; examples/rate_producer.go
+# stamps the send time into each value, piped into kcat; examples/latency_app.go measures the
+# arrival) for kafka-sidecar and the Go consumer; when `kafka-sidecar check-config` accepts
+# app.url = "unix://PATH:/records", kafka-sidecar into examples/bench_app.go over a Unix socket vs TCP.
+# Every row carries its ratio to the Go consumer in the same mode (single/batch). The report goes
+# to ~/.cache/kafka-sidecar/bench/peers-<run>/report.md (each run: runs.tsv) and is printed; it
+# fails (exit 1, with the reasons) if any run does not deliver every record, exits non-zero on
+# SIGTERM (Camel's JVM: 143 accepted) or the harness breaks.
+#   Systems (BENCH_SYSTEMS, first shape): raw sc-key sc-unordered sc-dedup sc-batch-key
+#     sc-batch-unordered sc-batch-dedup go go-batch dapr dapr-batch camel camel-batch
+#     (sc = kafka-sidecar; *-dedup: Redis at BENCH_REDIS_URL=redis://127.0.0.1:6379/0)
+#   BENCH_SHAPES="1024x6 256x6 16384x6 1024x24" (value bytes x partitions; 16 KiB: BENCH_RECORDS/5)
+#   BENCH_EXTRA_SYSTEMS="raw sc-key sc-batch-key go go-batch" (the shapes after the first)
+#   BENCH_ROUNDS=3  BENCH_RECORDS=200000  BENCH_WORKERS=64  BENCH_BATCH_RECORDS=500
+#   BENCH_LATENCY=1  BENCH_LATENCY_SECONDS=10  BENCH_LATENCY_RATE (default: half the maximum)
+#   BENCH_WRK=1  BENCH_UNIX=auto (1: fail if unsupported, 0: off)  BENCH_RUN_TIMEOUT=180
+#   BENCH_SIDECAR_BIN (a prebuilt kafka-sidecar binary: no cargo build)
+#   --smoke: 1 round of 10,000 records x 1 KiB x 6 partitions, sc-key sc-batch-key go go-batch,
+#     no latency/wrk/Unix rows (scripts/test.sh runs it; ~20 s warm, plus the Go consumer's first
+#     build on a fresh machine, ~1 min).
+#
+# Without --peers:
 # 1. produces N records (value size S bytes, keys k0..k9999) into a fresh topic with P partitions;
 # 2. baseline: the raw librdkafka read rate of that topic (kcat from the beginning to the end);
 # 3. for each scenario, a fresh consumer group and a fresh sidecar (release build) delivering to
@@ -25,6 +61,8 @@
 # Logs, configs and the generated data: ${KAFKA_SIDECAR_CACHE:-$HOME/.cache/kafka-sidecar}/bench/
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${1:-} == --peers ]]; then exec bash scripts/bench-peers.sh "$@"; fi
+[[ $# == 0 ]] || { echo "bench: unknown argument $1 (expected none, or --peers [--smoke])" >&2; exit 2; }
 
 CACHE="${KAFKA_SIDECAR_CACHE:-$HOME/.cache/kafka-sidecar}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"

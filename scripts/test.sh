@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs and starts Kafka + Redis (scripts/env.sh),
 # checks formatting and lints, runs unit and integration tests against the real broker,
-# and validates the packaging (Dockerfile, Helm chart) offline.
+# validates the packaging (Dockerfile, Helm chart) offline, and runs the smoke of the
+# side-by-side benchmark (`scripts/bench.sh --peers --smoke`: needs ../shared/peers beside the
+# repository and Go >= 1.26; builds the Go consumer and the sink with its build-go.sh).
 #
 #   bash scripts/test.sh            # everything (what CI runs)
 #   bash scripts/test.sh -- NAME    # only cargo tests matching NAME (environment still started)
@@ -97,4 +99,6 @@ step "cargo test --release (unit + integration against 127.0.0.1:9092)"
 chaos_report
 step "packaging checks"
 bash scripts/check-packaging.sh
+step "side-by-side bench smoke (scripts/bench.sh --peers --smoke: 10,000 records, kafka-sidecar and the Go consumer)"
+bash scripts/bench.sh --peers --smoke
 step "all tests passed"
