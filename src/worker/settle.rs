@@ -217,7 +217,8 @@ impl Worker {
     pub(super) fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
         let record = o.record;
         if self.tracker.finish(&tp(record), record.offset, record.generation) {
-            self.metrics.record_finished(record, outcome);
+            let exemplar = crate::metrics::trace_exemplar(o.span.context());
+            self.metrics.record_finished(record, outcome, exemplar);
         }
         o.span.end(outcome, attempts, error);
     }
