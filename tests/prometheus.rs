@@ -85,6 +85,42 @@ fn shorten_rules(rules: &str) -> String {
     out
 }
 
+#[test]
+fn the_test_override_makes_every_for_and_range_window_of_the_shipped_rules_60_times_shorter() {
+    let shipped = std::fs::read_to_string(chart_file("alerts.yaml")).unwrap();
+    let short = shorten_rules(&shipped);
+    let fors = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("for: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let (long_for, short_for) = (fors(&shipped), fors(&short));
+    assert!(long_for.len() >= 6, "{long_for:?}");
+    assert_eq!(long_for.len(), short_for.len());
+    for (l, s) in long_for.iter().zip(&short_for) {
+        assert_eq!(seconds(l).map(|x| (x / 60).max(1)), seconds(s), "{l} -> {s}");
+    }
+    let windows = |text: &str| -> Vec<u64> {
+        text.split('[')
+            .skip(1)
+            .filter_map(|w| w.split_once(']'))
+            .filter_map(|(w, _)| seconds(w))
+            .collect()
+    };
+    let (long_w, short_w) = (windows(&shipped), windows(&short));
+    assert!(long_w.len() >= 4, "{long_w:?}");
+    assert_eq!(long_w.iter().map(|w| (w / 60).max(1)).collect::<Vec<_>>(), short_w);
+    // Only durations change: the expressions' thresholds and the text stay as shipped.
+    let strip = |t: &str| {
+        t.replace(|c: char| c.is_ascii_digit(), "")
+            .replace("m]", "s]")
+            .replace("for: m", "for: s")
+    };
+    assert_eq!(strip(&shipped), strip(&short));
+    assert!(short.contains("> 1000") && short.contains("> 300"));
+}
+
 /// Percent-encodes a query parameter.
 fn encode(s: &str) -> String {
     s.bytes()
