@@ -65,7 +65,8 @@ install_packages() {
   local want=() p
   command -v redis-server >/dev/null || want+=(redis-server)
   command -v kcat >/dev/null || want+=(kcat)
-  command -v promtool >/dev/null || want+=(prometheus) # promtool: metrics and alert-rule checks
+  # promtool (metrics and alert-rule checks) and the server tests/prometheus.rs starts
+  { command -v promtool && command -v prometheus; } >/dev/null || want+=(prometheus)
   command -v "$JAVA" >/dev/null || want+=(openjdk-17-jdk-headless)
   command -v mvn >/dev/null || want+=(maven)
   command -v openssl >/dev/null || want+=(openssl) # the test CA and broker certificate

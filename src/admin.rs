@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -75,11 +75,35 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+/// `/metrics`: OpenMetrics (with exemplars) when the scraper accepts it, as Prometheus does;
+/// else the classic text format (no exemplars), which `curl` and `promtool` get.
+async fn metrics_text(State(s): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
     s.metrics.ready.set(i64::from(s.ready()));
     s.metrics.breaker_state.set(s.breaker.state().as_gauge());
     s.metrics.kafka_connected.set(i64::from(s.source.kafka.is_connected()));
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
+    let accept = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok());
+    if accepts_openmetrics(accept) {
+        (
+            [(header::CONTENT_TYPE, metrics::OPENMETRICS_CONTENT_TYPE)],
+            s.metrics.encode_openmetrics(),
+        )
+    } else {
+        ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
+    }
+}
+
+/// Whether an `Accept` header lists `application/openmetrics-text` with a quality above 0.
+fn accepts_openmetrics<'a>(accept: impl Iterator<Item = &'a str>) -> bool {
+    accept.flat_map(|v| v.split(',')).any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default();
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+    })
 }
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {
@@ -137,4 +161,25 @@ fn kafka_status(v: &ConnectivityView) -> serde_json::Value {
         // librdkafka's text; scrubbed of every configured secret like the log.
         "error": v.error.as_deref().map(|e| crate::config::redact::scrub(e).into_owned()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_openmetrics;
+
+    #[test]
+    fn openmetrics_is_served_only_to_scrapers_that_accept_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(accepts_openmetrics([prometheus].into_iter()));
+        assert!(accepts_openmetrics(
+            ["text/plain", "Application/OpenMetrics-Text"].into_iter()
+        ));
+        assert!(!accepts_openmetrics(["*/*"].into_iter()));
+        assert!(!accepts_openmetrics(["text/plain;version=0.0.4"].into_iter()));
+        assert!(!accepts_openmetrics(["application/openmetrics-text;q=0"].into_iter()));
+        assert!(!accepts_openmetrics(
+            ["\u{0}\u{ff};;,=q=;q=".to_string().as_str()].into_iter()
+        ));
+        assert!(!accepts_openmetrics(std::iter::empty()));
+    }
 }

@@ -4,11 +4,13 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use opentelemetry::trace::TraceContextExt;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -19,8 +21,43 @@ use crate::record::Record;
 use crate::retry::Transport;
 
 /// Content type of [`Metrics::encode`]'s output: the classic Prometheus text format, which
-/// every scraper and `promtool check metrics` accept.
+/// every scraper and `promtool check metrics` accept. It has no exemplars.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Content type of [`Metrics::encode_openmetrics`]'s output: OpenMetrics 1.0, with the
+/// latency histograms' exemplars (trace ids). Served to scrapers that ask for it (`Accept`).
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Exemplar labels of the latency histograms: the trace of the delivery observed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    /// W3C trace id, 32 lowercase hex digits.
+    pub trace_id: String,
+}
+
+/// The exemplar for an observation made in `cx`: its trace id when the context is valid and
+/// sampled, so the link leads to a trace that was (or, for the producer's part, may have
+/// been) exported. `cx` is the delivery span's context: with export on, the sidecar's delivery
+/// span (child of the record's `traceparent`); with export off, the record's `traceparent`
+/// passed on unchanged; neither (no export, no or an unsampled `traceparent`): no exemplar.
+pub fn trace_exemplar(cx: &opentelemetry::Context) -> Option<TraceLabels> {
+    let span = cx.span();
+    let sc = span.span_context();
+    (sc.is_valid() && sc.is_sampled()).then(|| TraceLabels {
+        trace_id: sc.trace_id().to_string(),
+    })
+}
+
+/// Every `outcome` of `kafka_sidecar_records_total`.
+pub const OUTCOMES: [&str; 7] = [
+    "consumed",
+    "delivered",
+    "retried",
+    "dead_lettered",
+    "deduplicated",
+    "headers_too_large",
+    "retry_tier",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -69,8 +106,8 @@ pub struct CommitLabels {
 pub struct Metrics {
     registry: Registry,
     pub records: Family<OutcomeLabels, Counter>,
-    pub delivery_seconds: Family<ResultLabels, Histogram>,
-    pub end_to_end_seconds: Histogram,
+    pub delivery_seconds: Family<ResultLabels, HistogramWithExemplars<TraceLabels>>,
+    pub end_to_end_seconds: HistogramWithExemplars<TraceLabels>,
     pub in_flight_records: Gauge,
     pub in_flight_bytes: Gauge,
     pub paused_partitions: Gauge,
@@ -119,15 +156,16 @@ impl Metrics {
             "Records by topic and outcome (consumed, delivered, retried, dead_lettered, deduplicated, headers_too_large)",
             records.clone(),
         );
-        let delivery_seconds = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
+        let delivery_seconds =
+            Family::<ResultLabels, HistogramWithExemplars<TraceLabels>>::new_with_constructor(|| {
+                HistogramWithExemplars::new(exponential_buckets(0.001, 2.0, 16))
+            });
         registry.register(
             "delivery_duration_seconds",
             "Duration of requests to the app, by result",
             delivery_seconds.clone(),
         );
-        let end_to_end_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 18));
+        let end_to_end_seconds = HistogramWithExemplars::new(exponential_buckets(0.005, 2.0, 18));
         registry.register(
             "end_to_end_latency_seconds",
             "Time from the record timestamp until it is finished",
@@ -318,13 +356,18 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The Prometheus text exposition (format 0.0.4, no exemplars).
     pub fn encode(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+
+    /// The OpenMetrics 1.0 exposition, with exemplars.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "failed to encode metrics");
         }
-        openmetrics_to_prometheus(&out)
+        out
     }
 
     pub fn record_outcome(&self, record: &Record, outcome: &str) {
@@ -336,30 +379,35 @@ impl Metrics {
             .inc();
     }
 
-    /// A record is finished (delivered or dead-lettered).
-    pub fn record_finished(&self, record: &Record, outcome: &str) {
+    /// A record is finished (delivered or dead-lettered); `exemplar`: see [`trace_exemplar`].
+    pub fn record_finished(&self, record: &Record, outcome: &str, exemplar: Option<TraceLabels>) {
         self.record_outcome(record, outcome);
         if let Some(ts) = record.timestamp_ms {
-            let now = std::time::SystemTime::now()
+            let now = SystemTime::now();
+            let now_ms = now
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            self.end_to_end_seconds.observe((now - ts).max(0) as f64 / 1000.0);
+            self.end_to_end_seconds
+                .observe((now_ms - ts).max(0) as f64 / 1000.0, exemplar, Some(now));
         }
     }
 
-    pub fn observe_delivery(&self, took: Duration, t: &Transport) {
+    /// One request to the app took `took`; `exemplar`: see [`trace_exemplar`] (a batch passes
+    /// its first record's).
+    pub fn observe_delivery(&self, took: Duration, t: &Transport, exemplar: Option<TraceLabels>) {
         let result = match t {
             Transport::Status { status, .. } => format!("{}xx", status / 100),
             Transport::Timeout => "timeout".into(),
             Transport::Unreachable(_) => "unreachable".into(),
             Transport::Failed(_) => "transport".into(),
         };
-        self.delivery_seconds
-            .get_or_create(&ResultLabels { result })
-            .observe(took.as_secs_f64());
+        self.delivery_seconds.get_or_create(&ResultLabels { result }).observe(
+            took.as_secs_f64(),
+            exemplar,
+            Some(SystemTime::now()),
+        );
     }
 
-    /// Per-partition lag and committed offsets; partitions no longer assigned disappear.
     /// The configured retry tiers (topic, delay): their gauges start at 0.
     pub fn set_retry_tiers(&self, tiers: Vec<(String, Duration)>) {
         for (topic, _) in &tiers {
@@ -406,6 +454,9 @@ impl Metrics {
         }
     }
 
+    /// The record counters of a topic seen for the first time start at 0 for every outcome,
+    /// so `increase()` in an alert sees the first dead letter (a series born at 1 has no rise).
+    /// Per-partition lag and committed offsets; partitions no longer assigned disappear.
     pub fn set_partitions(&self, views: &[PartitionView]) {
         self.set_tier_lag(views);
         let mut shown = self.shown_partitions.lock().unwrap_or_else(|e| e.into_inner());
@@ -424,6 +475,20 @@ impl Metrics {
             }
             now.insert(labels);
         }
+        let known: HashSet<&str> = shown.iter().map(|l| l.topic.as_str()).collect();
+        let fresh: HashSet<&str> = now
+            .iter()
+            .map(|l| l.topic.as_str())
+            .filter(|t| !known.contains(t))
+            .collect();
+        for topic in fresh {
+            for outcome in OUTCOMES {
+                drop(self.records.get_or_create(&OutcomeLabels {
+                    topic: topic.to_string(),
+                    outcome: outcome.to_string(),
+                }));
+            }
+        }
         for gone in shown.difference(&now) {
             self.lag_records.remove(gone);
             self.lag_seconds.remove(gone);
@@ -441,7 +506,9 @@ impl Metrics {
 }
 
 /// prometheus-client writes OpenMetrics, where a counter family `x` has samples `x_total`.
-/// The classic text format names the family `x_total` and has no `# EOF`/`# UNIT` lines.
+/// The classic text format names the family `x_total`, has no `# EOF`/`# UNIT` lines and no
+/// exemplars (` # {trace_id="..."} value timestamp` after a sample; label values here are
+/// topic names and fixed words, which never contain ` # {`).
 fn openmetrics_to_prometheus(text: &str) -> String {
     let counters: HashSet<&str> = text
         .lines()
@@ -458,6 +525,10 @@ fn openmetrics_to_prometheus(text: &str) -> String {
             let (name, tail) = rest.split_once(' ')?;
             counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
         });
+        let line = match line.split_once(" # {") {
+            Some((sample, _exemplar)) if !line.starts_with('#') => sample,
+            _ => line,
+        };
         out.push_str(renamed.as_deref().unwrap_or(line));
         out.push('\n');
     }
@@ -476,5 +547,86 @@ mod tests {
         assert!(text.contains("# TYPE kafka_sidecar_commits_total counter"), "{text}");
         assert!(text.contains("kafka_sidecar_commits_total{result=\"ok\"} 1"), "{text}");
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn a_topic_s_record_counters_start_at_zero_once_it_is_assigned() {
+        let m = Metrics::new();
+        let view = |p| PartitionView {
+            tp: crate::offsets::TopicPartition::new("orders", p),
+            next: None,
+            position: None,
+            committed: None,
+            pending: 0,
+            high_watermark: None,
+            lag: None,
+            lag_seconds: 0.0,
+        };
+        m.set_partitions(&[view(0), view(1)]);
+        m.records
+            .get_or_create(&OutcomeLabels {
+                topic: "orders".into(),
+                outcome: "dead_lettered".into(),
+            })
+            .inc();
+        m.set_partitions(&[view(0), view(1)]);
+        let text = m.encode();
+        for outcome in OUTCOMES {
+            let want = if outcome == "dead_lettered" { 1 } else { 0 };
+            let line = format!("kafka_sidecar_records_total{{topic=\"orders\",outcome=\"{outcome}\"}} {want}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    fn sampled(trace_id: &str, sampled: bool) -> opentelemetry::Context {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let sc = SpanContext::new(
+            TraceId::from_hex(trace_id).unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        opentelemetry::Context::new().with_remote_span_context(sc)
+    }
+
+    #[test]
+    fn a_sampled_trace_gives_an_exemplar_an_unsampled_or_missing_one_none() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_exemplar(&sampled(id, true)).map(|l| l.trace_id),
+            Some(id.to_string())
+        );
+        assert_eq!(trace_exemplar(&sampled(id, false)), None);
+        assert_eq!(trace_exemplar(&opentelemetry::Context::new()), None);
+    }
+
+    #[test]
+    fn latency_exemplars_are_in_openmetrics_only() {
+        let m = Metrics::new();
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let ok = Transport::Status {
+            status: 200,
+            retry_after: None,
+        };
+        m.observe_delivery(Duration::from_millis(3), &ok, trace_exemplar(&sampled(id, true)));
+        let om = m.encode_openmetrics();
+        let bucket = om
+            .lines()
+            .find(|l| l.contains("delivery_duration_seconds_bucket") && l.contains(" # {"))
+            .unwrap_or_else(|| panic!("no exemplar:\n{om}"));
+        assert!(bucket.contains(&format!("# {{trace_id=\"{id}\"}} 0.003 ")), "{bucket}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = m.encode();
+        assert!(
+            text.contains("kafka_sidecar_delivery_duration_seconds_bucket{"),
+            "{text}"
+        );
+        assert!(!text.contains("trace_id") && !text.contains(" # "), "{text}");
     }
 }

@@ -190,6 +190,11 @@ impl DeliverySpan {
         inject(&self.cx)
     }
 
+    /// This span's context (the record's own without export): for metric exemplars.
+    pub fn context(&self) -> &Context {
+        &self.cx
+    }
+
     /// The trace id, for log lines (empty when there is no trace).
     pub fn trace_id(&self) -> String {
         let sc = self.cx.span().span_context().clone();

@@ -393,6 +393,8 @@ async fn the_dashboard_and_alert_rules_are_valid_and_query_only_metrics_that_exi
     produce(&topic, vec![Out::keyed("k", "v")]).await;
     let app = TestApp::start(|_| Answer::ok()).await;
     let mut cfg = SidecarConfig::new(&topic, &app);
+    // The dedup panel's histogram exists once dedup runs (the embedded store suffices).
+    cfg.extra = "[dedup]\nenabled = true\n".into();
     let port = free_port();
     cfg.admin_port = Some(port);
     // Retry tiers on, so that their metrics are exported too.

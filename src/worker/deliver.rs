@@ -7,6 +7,7 @@ use super::admit::Pass;
 use super::{outgoing, Open, Stopped, Worker};
 use crate::breaker::counts_as_failure;
 use crate::delivery::Reply;
+use crate::metrics;
 
 impl Worker {
     /// Sends `sending` as attempt `attempt`, holding `pass` until the app has answered.
@@ -20,7 +21,9 @@ impl Worker {
             _ = self.hard_stop.cancelled() => return Err(Stopped),
         };
         drop(records);
-        self.metrics.observe_delivery(started.elapsed(), &reply.transport);
+        let exemplar = sending.first().and_then(|o| metrics::trace_exemplar(o.span.context()));
+        self.metrics
+            .observe_delivery(started.elapsed(), &reply.transport, exemplar);
         self.breaker.record(counts_as_failure(&reply.transport));
         self.limiter.on_result(&reply.transport);
         drop(pass);

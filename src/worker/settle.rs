@@ -270,7 +270,8 @@ impl Worker {
     pub(super) fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
         let record = o.record;
         if self.tracker.finish(&tp(record), record.offset, record.generation) {
-            self.metrics.record_finished(record, outcome);
+            let exemplar = crate::metrics::trace_exemplar(o.span.context());
+            self.metrics.record_finished(record, outcome, exemplar);
             if let (Some(_), "delivered") = (&o.retry, outcome) {
                 self.metrics.retry_tier_delivered(&record.topic);
             }
