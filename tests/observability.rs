@@ -402,7 +402,7 @@ async fn the_dashboard_and_alert_rules_are_valid_and_query_only_metrics_that_exi
     create_topic(&tier, 1).await;
     create_topic(&dlq, 1).await;
     cfg.dlq = Some(dlq);
-    cfg.extra = format!("\n[retry_topics]\nenabled = true\ntiers = [{{ topic = \"{tier}\", delay = \"1s\" }}]\n");
+    cfg.extra += &format!("\n[retry_topics]\nenabled = true\ntiers = [{{ topic = \"{tier}\", delay = \"1s\" }}]\n");
     let _sidecar = Sidecar::start(&cfg);
     assert!(wait_until(MINUTE, || app.delivered_count() == 1).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
