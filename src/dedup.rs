@@ -34,7 +34,7 @@ use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
@@ -132,7 +132,59 @@ enum Store {
 
 enum Remote {
     Redis(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterHandle),
+}
+
+/// A Redis Cluster connection that is replaced by a fresh one after a failure.
+///
+/// redis-rs's async cluster connection reconnects to a restarted node by itself most of the
+/// time, but not always: after a node restart under load it was seen answering nothing but
+/// timeouts for more than 30 s. A fresh connection starts from the configured nodes and
+/// reads the topology again, so after a failed call the next one gets a new connection — at
+/// most once per `dedup.timeout` (at least 1 s), so that an outage causes no reconnect storm.
+struct ClusterHandle {
+    client: ClusterClient,
+    config: ClusterConfig,
+    renew_after: Duration,
+    current: Mutex<(ClusterConnection, Instant)>,
+}
+
+impl ClusterHandle {
+    fn new(client: ClusterClient, config: ClusterConfig, timeout: Duration) -> ClusterHandle {
+        let conn = client.get_pending_async_connection_with_config(config.clone());
+        ClusterHandle {
+            client,
+            config,
+            renew_after: timeout.max(Duration::from_secs(1)),
+            current: Mutex::new((conn, Instant::now())),
+        }
+    }
+
+    /// The current connection (a cheap handle onto its driver task).
+    fn get(&self) -> ClusterConnection {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).0.clone()
+    }
+
+    /// After a failed call: replaces the connection unless it is younger than `renew_after`.
+    /// Calls in flight on the old one finish on it.
+    fn renew(&self) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.1.elapsed() >= self.renew_after {
+            let conn = self
+                .client
+                .get_pending_async_connection_with_config(self.config.clone());
+            *current = (conn, Instant::now());
+            tracing::info!("redis cluster call failed: reconnecting from the configured nodes");
+        }
+    }
+
+    /// `result`, renewing the connection first when it is an error.
+    fn observe<T>(&self, result: Result<T, DedupError>) -> Result<T, DedupError> {
+        if result.is_err() {
+            self.renew();
+        }
+        result
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -192,7 +244,9 @@ impl Dedup {
         match &self.store {
             Store::Memory(_) => Ok(()),
             Store::Remote(Remote::Redis(conn)) => self.bounded(ping.exec_async(&mut conn.clone())).await,
-            Store::Remote(Remote::Cluster(conn)) => self.bounded(ping.exec_async(&mut conn.clone())).await,
+            Store::Remote(Remote::Cluster(cluster)) => {
+                cluster.observe(self.bounded(ping.exec_async(&mut cluster.get())).await)
+            }
         }
     }
 
@@ -316,7 +370,10 @@ impl Dedup {
                 let pipe = self.pipeline(op, keys.iter().copied());
                 self.bounded(query(conn, &pipe)).await?
             }
-            Remote::Cluster(conn) => self.bounded(self.cluster_batch(conn, op, keys)).await?,
+            Remote::Cluster(cluster) => {
+                let conn = cluster.get();
+                cluster.observe(self.bounded(self.cluster_batch(&conn, op, keys)).await)?
+            }
         };
         if replies.len() != keys.len() {
             return Err(DedupError::UnexpectedReply(format!(
@@ -476,8 +533,11 @@ fn cluster_store(cfg: &DedupConfig) -> Result<Store, DedupError> {
     let timeouts = ClusterConfig::new()
         .set_connection_timeout(cfg.timeout)
         .set_response_timeout(cfg.timeout);
-    let conn = client.get_pending_async_connection_with_config(timeouts);
-    Ok(Store::Remote(Remote::Cluster(conn)))
+    Ok(Store::Remote(Remote::Cluster(ClusterHandle::new(
+        client,
+        timeouts,
+        cfg.timeout,
+    ))))
 }
 
 #[cfg(test)]
