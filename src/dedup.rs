@@ -132,7 +132,7 @@ enum Store {
 
 enum Remote {
     Redis(ConnectionManager),
-    Cluster(ClusterHandle),
+    Cluster(Box<ClusterHandle>),
 }
 
 /// A Redis Cluster connection that is replaced by a fresh one after a failure.
@@ -533,11 +533,8 @@ fn cluster_store(cfg: &DedupConfig) -> Result<Store, DedupError> {
     let timeouts = ClusterConfig::new()
         .set_connection_timeout(cfg.timeout)
         .set_response_timeout(cfg.timeout);
-    Ok(Store::Remote(Remote::Cluster(ClusterHandle::new(
-        client,
-        timeouts,
-        cfg.timeout,
-    ))))
+    let handle = ClusterHandle::new(client, timeouts, cfg.timeout);
+    Ok(Store::Remote(Remote::Cluster(Box::new(handle))))
 }
 
 #[cfg(test)]
