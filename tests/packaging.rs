@@ -447,3 +447,44 @@ fn a_unix_socket_app_shares_one_emptydir_with_the_sidecar_and_the_url_must_point
         "{stderr}"
     );
 }
+
+/// docs/kubernetes.md has a runbook row (what it means, what to do) for every shipped alert,
+/// and names no alert that is not shipped.
+#[test]
+fn every_shipped_alert_has_a_runbook_row_and_the_runbook_names_no_other() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let alerts = std::fs::read_to_string(chart().join("files/alerts.yaml")).expect("alerts.yaml");
+    let shipped: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert:"))
+        .map(str::trim)
+        .collect();
+    assert!(shipped.len() >= 10, "alerts found in alerts.yaml: {shipped:?}");
+    let docs = std::fs::read_to_string(root.join("docs/kubernetes.md")).expect("docs/kubernetes.md");
+    let runbook: Vec<&str> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `KafkaSidecar"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    let runbook: Vec<String> = runbook.iter().map(|name| format!("KafkaSidecar{name}")).collect();
+    for alert in &shipped {
+        let rows: Vec<&str> = docs
+            .lines()
+            .filter(|l| l.starts_with(&format!("| `{alert}`")))
+            .collect();
+        assert_eq!(rows.len(), 1, "docs/kubernetes.md needs one runbook row for {alert}");
+        // | name | means | do |: both explanations are there.
+        let cells: Vec<&str> = rows[0].split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert!(
+            cells.len() == 3 && cells[1].len() > 20 && cells[2].len() > 20,
+            "the runbook row of {alert} needs what it means and what to do: {}",
+            rows[0]
+        );
+    }
+    for name in &runbook {
+        assert!(
+            shipped.contains(&name.as_str()),
+            "the runbook names {name}, which alerts.yaml does not ship"
+        );
+    }
+}
