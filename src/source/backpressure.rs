@@ -24,7 +24,14 @@
 use std::time::{Duration, Instant};
 
 /// Longest a full prefetch may take to be read at the current rate before pausing.
-pub const MAX_PREFETCH_DRAIN: Duration = Duration::from_secs(2);
+///
+/// 10 s: a rebalance is noticed at most this late while the pipeline holds (the group waits
+/// for this member's revoke that long; far below `max.poll.interval.ms`). It was 2 s, which
+/// judged a healthy single-mode pipeline of small records "slow" (a 16 MB prefetch of 256 B
+/// records drains in 2 s only above 32k records/s): its partitions were then capped at their
+/// share, and every cap dropped a fetched MiB to use a few dozen records, so the pipeline
+/// really became slow — 4–6k instead of 24k records/s (BENCHMARKS.md, "Profile (issue 10)").
+pub const MAX_PREFETCH_DRAIN: Duration = Duration::from_secs(10);
 /// How long the read rate is measured at the limit before deciding to pause.
 pub const RATE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -165,6 +172,22 @@ mod tests {
         assert_eq!(p.update(ms(t0, 1000), 100, 0), Flow::Hold);
         assert!(!p.is_slow());
         assert_eq!(p.update(ms(t0, 1001), 99, 0), Flow::Read, "not paused");
+    }
+
+    #[test]
+    fn a_pipeline_that_needs_seconds_for_its_prefetch_is_not_slow_yet() {
+        let t0 = Instant::now();
+        let mut p = Pressure::new(LIMITS, t0);
+        assert_eq!(p.update(t0, 100, 0), Flow::Hold);
+        // 1,500 bytes a second: the 10,000-byte prefetch takes 6.7 s, within MAX_PREFETCH_DRAIN
+        // (small records at a healthy record rate look like this).
+        p.on_read(1_500);
+        assert_eq!(p.update(ms(t0, 1000), 100, 0), Flow::Hold);
+        assert!(!p.is_slow());
+        // 900 bytes a second: 11 s, too long: slow.
+        p.on_read(900);
+        assert_eq!(p.update(ms(t0, 2000), 100, 0), Flow::Paused);
+        assert!(p.is_slow());
     }
 
     #[test]
