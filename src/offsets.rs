@@ -157,10 +157,13 @@ pub struct PartitionView {
     pub lag_seconds: f64,
 }
 
+/// Looked up per record (read and finish): foldhash, seeded per process, instead of SipHash.
+type Partitions = HashMap<TopicPartition, PartitionState, foldhash::fast::RandomState>;
+
 /// Shared by the poll thread (reads, commits) and the workers (finish).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: Mutex<HashMap<TopicPartition, PartitionState>>,
+    partitions: Mutex<Partitions>,
     generations: AtomicU64,
     /// Threads in `wait_finished` (changed with `partitions` locked), and their wake-up.
     drain_waiters: AtomicUsize,
@@ -168,7 +171,7 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
-    fn lock(&self) -> MutexGuard<'_, HashMap<TopicPartition, PartitionState>> {
+    fn lock(&self) -> MutexGuard<'_, Partitions> {
         // A panic while holding this lock leaves plain data behind; keep going.
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }

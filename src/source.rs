@@ -61,6 +61,11 @@ use backpressure::{Flow, Pressure};
 const HOLD_WAIT: Duration = Duration::from_millis(50);
 /// Poll between tries of a final commit refused by a rebalance.
 const FINAL_COMMIT_POLL: Duration = Duration::from_millis(100);
+/// The poll loop's maps, looked up per record or per poll: foldhash (seeded per process,
+/// like std's RandomState) instead of SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type TpSet = HashSet<TopicPartition, foldhash::fast::RandomState>;
+
 /// How often partitions paused at their share are checked for resuming.
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
@@ -85,7 +90,7 @@ pub struct SourceState {
     /// Retry tier partitions paused until their head record is due: that record (read, not
     /// yet handed over nor tracked, so no commit passes it) and its due time (ms since the
     /// epoch). At most one per tier partition; a revoke drops it (it is read again).
-    held: Mutex<HashMap<TopicPartition, (Record, i64)>>,
+    held: Mutex<FastMap<TopicPartition, (Record, i64)>>,
     /// Whether the brokers can be reached.
     pub kafka: Arc<Connectivity>,
 }
@@ -179,7 +184,7 @@ impl SourceState {
         self.fault.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, (Record, i64)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, FastMap<TopicPartition, (Record, i64)>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -270,10 +275,19 @@ impl ConsumerContext for SourceContext {
         self.guarded("rebalance", || {
             if let Rebalance::Assign(tpl) = rebalance {
                 self.state.joined.store(true, Ordering::Relaxed);
-                // New partitions join the paused state if backpressure is on.
-                if self.state.paused.load(Ordering::Relaxed) && tpl.count() > 0 {
-                    if let Err(e) = consumer.pause(tpl) {
-                        tracing::warn!(error = %e, "failed to pause newly assigned partitions");
+                // New partitions join the paused state if backpressure is on, and are resumed
+                // explicitly otherwise: librdkafka keeps a partition's pause flag across a
+                // revoke, so a partition this member paused (at its share, or holding a retry
+                // tier record) and that comes back to it would never be read again.
+                if tpl.count() > 0 {
+                    let pause = self.state.paused.load(Ordering::Relaxed);
+                    let result = if pause {
+                        consumer.pause(tpl)
+                    } else {
+                        consumer.resume(tpl)
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, pause, "failed to pause/resume newly assigned partitions");
                     }
                 }
             }
@@ -572,12 +586,12 @@ impl PollLoop {
 
     /// Reads until `stop`; an error when the scheduler stopped taking records.
     fn read(&self) -> Result<(), String> {
-        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+        let mut topics: FastMap<String, Arc<str>> = FastMap::default();
         let mut errors = ErrorLog::default();
         let mut last_commit = Instant::now();
         let mut pressure = Pressure::new(self.limits, Instant::now());
         // Partitions paused on their own because they hold their share (slow pipeline).
-        let mut capped = HashSet::new();
+        let mut capped = TpSet::default();
         let mut last_share_check = Instant::now();
         while !self.stop.is_cancelled() {
             if let Some(fault) = self.state.take_fault() {
@@ -654,7 +668,7 @@ impl PollLoop {
         tp: TopicPartition,
         record: Record,
         pressure: &mut Pressure,
-        capped: &mut HashSet<TopicPartition>,
+        capped: &mut TpSet,
     ) -> Result<(), String> {
         self.in_flight.add(record.size());
         pressure.on_read(record.size());
@@ -674,7 +688,7 @@ impl PollLoop {
         tp: TopicPartition,
         mut record: Record,
         pressure: &mut Pressure,
-        capped: &mut HashSet<TopicPartition>,
+        capped: &mut TpSet,
     ) -> Result<(), String> {
         record.generation = self.tracker.read(&tp, record.offset, record.timestamp_ms);
         self.hand_over(tp, record, pressure, capped)
@@ -691,7 +705,7 @@ impl PollLoop {
 
     /// Hands over the held retry tier records that are due, and reads their partitions on
     /// from the record after (anything fetched before the pause took effect was skipped).
-    fn release_due(&self, pressure: &mut Pressure, capped: &mut HashSet<TopicPartition>) -> Result<(), String> {
+    fn release_due(&self, pressure: &mut Pressure, capped: &mut TpSet) -> Result<(), String> {
         if self.tiers.is_none() {
             return Ok(());
         }
@@ -712,7 +726,7 @@ impl PollLoop {
     }
 
     /// While the pipeline is slow, pauses a partition that holds its share of the record limit.
-    fn cap_share(&self, pressure: &Pressure, tp: TopicPartition, capped: &mut HashSet<TopicPartition>) {
+    fn cap_share(&self, pressure: &Pressure, tp: TopicPartition, capped: &mut TpSet) {
         let (share, _) = pressure.share(self.metrics.assigned_partitions.get() as usize);
         if capped.contains(&tp) || self.tracker.unfinished(std::slice::from_ref(&tp)) < share {
             return;
@@ -727,7 +741,7 @@ impl PollLoop {
 
     /// Resumes partitions paused at their share once they fall below its resume level, and all
     /// of them once the pipeline is no longer slow. Forgets partitions no longer assigned.
-    fn release_shares(&self, pressure: &Pressure, capped: &mut HashSet<TopicPartition>) {
+    fn release_shares(&self, pressure: &Pressure, capped: &mut TpSet) {
         if capped.is_empty() {
             return;
         }
@@ -764,7 +778,7 @@ impl PollLoop {
         }
     }
 
-    fn update_paused_gauge(&self, capped: &HashSet<TopicPartition>) {
+    fn update_paused_gauge(&self, capped: &TpSet) {
         if !self.state.paused.load(Ordering::Relaxed) {
             self.metrics.paused_partitions.set(capped.len() as i64);
         }
@@ -772,7 +786,7 @@ impl PollLoop {
 
     /// Stop fetching and keep the membership alive until the workers drained.
     fn drain(&self) {
-        self.set_paused(true, &HashSet::new());
+        self.set_paused(true, &TpSet::default());
         let _ = self.input.blocking_send(Input::End);
         let mut last_commit = Instant::now();
         while !self.close.is_cancelled() {
@@ -787,12 +801,7 @@ impl PollLoop {
     }
 
     /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
-    fn apply_backpressure(
-        &self,
-        pressure: &mut Pressure,
-        capped: &HashSet<TopicPartition>,
-        (records, bytes): (usize, usize),
-    ) -> Flow {
+    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &TpSet, (records, bytes): (usize, usize)) -> Flow {
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
         let flow = pressure.update(Instant::now(), records, bytes);
@@ -826,7 +835,7 @@ impl PollLoop {
     }
 
     /// Pauses every assigned partition, or resumes all but those paused at their share.
-    fn set_paused(&self, pause: bool, capped: &HashSet<TopicPartition>) {
+    fn set_paused(&self, pause: bool, capped: &TpSet) {
         self.state.paused.store(pause, Ordering::Relaxed);
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
