@@ -14,10 +14,14 @@
 //! bounded and with the same TTLs: enough for a developer running one sidecar, no
 //! protection across replicas.
 //!
-//! Every operation takes a whole batch and costs one round trip: the per-key commands (a
-//! small Lua script per key for claim and release, `SET` for done) are pipelined. In cluster
-//! mode the batch is split by hash slot and the per-slot pipelines are sent concurrently,
-//! so the batch still costs one round trip of latency. Redis errors never panic: they come
+//! Every operation takes a whole batch and costs one round trip: one Lua script call per
+//! [`KEYS_PER_SCRIPT`] keys (claim, done, release each have one), pipelined when a batch
+//! needs several, so that Redis parses and dispatches one command per batch instead of one
+//! per key. A single key, as single-mode delivery sends, costs plain commands instead:
+//! `SET NX` to claim a new key (the script only when the key exists), `SET` to mark it
+//! done. In cluster mode the batch is split by hash slot (a script's keys must share one)
+//! and the per-slot calls are sent concurrently, so the batch still costs one round trip of
+//! latency. Redis errors never panic: they come
 //! back as [`DedupError`] ("redis unavailable: ..."), within `timeout`, and the connections
 //! reconnect on their own (a dropped connection is retried once on a fresh one inside the
 //! same operation). Callers time the operations themselves for latency metrics: each one is
@@ -50,33 +54,60 @@ use crate::record::Record;
 /// The value of a key whose record was delivered. Owner tokens never equal it.
 const DONE: &str = "done";
 
-/// Claim one key ('done' is [`DONE`]): done → 0; absent → take it for ARGV[1] with a PX ARGV[2] lease → 1;
-/// already ours → refresh the lease → 1; another owner's live lease → 2.
+/// Keys per script call. A script runs atomically, blocking every other client of the
+/// server while it does: 500 keys take well under a millisecond.
+const KEYS_PER_SCRIPT: usize = 500;
+
+/// Claim each of KEYS for owner ARGV[1] with a PX ARGV[2] lease ('done' is ARGV[3]), one
+/// reply per key: absent → taken → 1; done → 0; already ours → lease refreshed → 1; another
+/// owner's live lease → 2. `SET NX` first: most keys of a live stream are new.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"local v = redis.call('GET', KEYS[1])
-if v == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+        r"local owner, lease, done = ARGV[1], ARGV[2], ARGV[3]
+local r = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('SET', k, owner, 'NX', 'PX', lease) then
+    r[i] = 1
+  else
+    local v = redis.call('GET', k)
+    if v == done then
+      r[i] = 0
+    elseif v == owner then
+      redis.call('PEXPIRE', k, lease)
+      r[i] = 1
+    else
+      r[i] = 2
+    end
+  end
 end
-if v == 'done' then
-  return 0
-end
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 2",
+return r",
     )
 });
 
-/// Delete one key only while it still holds our lease (ARGV[1]).
+/// Mark each of KEYS done (ARGV[1]) for PX ARGV[2], whoever holds it; one 1 per key.
+static MARK_DONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local r = {}
+for i, k in ipairs(KEYS) do
+  redis.call('SET', k, ARGV[1], 'PX', ARGV[2])
+  r[i] = 1
+end
+return r",
+    )
+});
+
+/// Delete each of KEYS only while it still holds our lease (ARGV[1]); per key 1 if deleted.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+        r"local r = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    r[i] = redis.call('DEL', k)
+  else
+    r[i] = 0
+  end
 end
-return 0",
+return r",
     )
 });
 
@@ -187,9 +218,11 @@ impl ClusterHandle {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
     Claim,
+    /// Claim one key that is probably new: `SET NX`, `OK` or nil.
+    ClaimNew,
     Done,
     Release,
 }
@@ -304,6 +337,7 @@ impl Dedup {
                     .map(|k| memory.claim(&self.storage_key(k), &self.owner, self.lease_ttl, now))
                     .collect()
             }
+            Store::Remote(remote) if unique.len() == 1 => vec![self.claim_one(remote, unique[0]).await?],
             Store::Remote(remote) => self
                 .remote_batch(remote, Op::Claim, &unique)
                 .await?
@@ -319,6 +353,19 @@ impl Dedup {
                 Claim::Claimed | Claim::Busy => Claim::Busy,
             })
             .collect())
+    }
+
+    /// One key: `SET NX` takes it when it is new (the common case) in a plain command; only a
+    /// key that exists (done, or someone's lease) runs the script to find out which.
+    async fn claim_one(&self, remote: &Remote, key: &str) -> Result<Claim, DedupError> {
+        match self.remote_batch(remote, Op::ClaimNew, &[key]).await?.pop() {
+            Some(Value::Okay) => Ok(Claim::Claimed),
+            Some(Value::Nil) => match self.remote_batch(remote, Op::Claim, &[key]).await?.pop() {
+                Some(reply) => claim_reply(reply),
+                None => Err(DedupError::UnexpectedReply("no reply to a claim".into())),
+            },
+            other => Err(DedupError::UnexpectedReply(format!("{other:?} to SET NX"))),
+        }
     }
 
     /// Marks `keys` done for `done_ttl` after their records were delivered (whoever holds
@@ -365,58 +412,89 @@ impl Dedup {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = match remote {
+        match remote {
             Remote::Redis(conn) => {
-                let pipe = self.pipeline(op, keys.iter().copied());
-                self.bounded(query(conn, &pipe)).await?
+                let pipe = self.pipeline(op, keys);
+                per_key(op, keys.len(), self.bounded(query(conn, &pipe)).await?)
             }
             Remote::Cluster(cluster) => {
                 let conn = cluster.get();
                 cluster.observe(self.bounded(self.cluster_batch(&conn, op, keys)).await)?
             }
-        };
-        if replies.len() != keys.len() {
-            return Err(DedupError::UnexpectedReply(format!(
-                "{} replies to {} commands",
-                replies.len(),
-                keys.len()
-            )));
         }
-        Ok(replies)
     }
 
-    /// Redis Cluster refuses a pipeline that spans slots, so the batch is split by slot and
-    /// the per-slot pipelines are sent concurrently (one round trip of latency).
-    async fn cluster_batch(&self, conn: &ClusterConnection, op: Op, keys: &[&str]) -> RedisResult<Vec<Value>> {
+    /// A script's keys must share a hash slot in Redis Cluster, so the batch is split by
+    /// slot and the per-slot calls are sent concurrently (one round trip of latency).
+    async fn cluster_batch(
+        &self,
+        conn: &ClusterConnection,
+        op: Op,
+        keys: &[&str],
+    ) -> RedisResult<Result<Vec<Value>, DedupError>> {
         let mut slots: HashMap<Slot, Vec<usize>> = HashMap::new();
         for (i, key) in keys.iter().enumerate() {
             slots.entry(Slot::for_key(self.storage_key(key))).or_default().push(i);
         }
         let groups: Vec<Vec<usize>> = slots.into_values().collect();
         let requests = groups.iter().map(|group| {
-            let pipe = self.pipeline(op, group.iter().map(|&i| keys[i]));
+            let group_keys: Vec<&str> = group.iter().map(|&i| keys[i]).collect();
+            let pipe = self.pipeline(op, &group_keys);
             async move { query(conn, &pipe).await }
         });
         let results = futures::future::join_all(requests).await;
         let mut replies = vec![Value::Nil; keys.len()];
         for (group, result) in groups.iter().zip(results) {
-            for (&i, reply) in group.iter().zip(result?) {
+            let group_replies = match per_key(op, group.len(), result?) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            for (&i, reply) in group.iter().zip(group_replies) {
                 replies[i] = reply;
             }
         }
-        Ok(replies)
+        Ok(Ok(replies))
     }
 
-    /// One command per key, namespaced.
-    fn pipeline<'k>(&self, op: Op, keys: impl Iterator<Item = &'k str>) -> Pipeline {
+    /// One script call per [`KEYS_PER_SCRIPT`] keys (one plain command for `ClaimNew`, and
+    /// for `Done` of a single key), namespaced.
+    fn pipeline(&self, op: Op, keys: &[&str]) -> Pipeline {
         let mut pipe = redis::pipe();
-        for key in keys {
-            let key = self.storage_key(key);
-            match op {
-                Op::Claim => pipe.invoke_script(CLAIM.key(key).arg(&self.owner).arg(millis(self.lease_ttl))),
-                Op::Done => pipe.cmd("SET").arg(key).arg(DONE).arg("PX").arg(millis(self.done_ttl)),
-                Op::Release => pipe.invoke_script(RELEASE.key(key).arg(&self.owner)),
+        match (op, keys) {
+            (Op::ClaimNew, [key]) => {
+                pipe.cmd("SET")
+                    .arg(self.storage_key(key))
+                    .arg(&self.owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(self.lease_ttl));
+                return pipe;
+            }
+            (Op::Done, [key]) => {
+                pipe.cmd("SET")
+                    .arg(self.storage_key(key))
+                    .arg(DONE)
+                    .arg("PX")
+                    .arg(millis(self.done_ttl));
+                return pipe;
+            }
+            _ => {}
+        }
+        for chunk in keys.chunks(KEYS_PER_SCRIPT) {
+            let mut invocation = match op {
+                Op::Claim | Op::ClaimNew => CLAIM.arg(&self.owner),
+                Op::Done => MARK_DONE.arg(DONE),
+                Op::Release => RELEASE.arg(&self.owner),
             };
+            match op {
+                Op::Claim | Op::ClaimNew => invocation.arg(millis(self.lease_ttl)).arg(DONE),
+                Op::Done => invocation.arg(millis(self.done_ttl)),
+                Op::Release => &mut invocation,
+            };
+            for key in chunk {
+                invocation.key(self.storage_key(key));
+            }
+            pipe.invoke_script(&invocation);
         }
         pipe
     }
@@ -450,11 +528,47 @@ async fn query<C: ConnectionLike + Clone>(conn: &C, pipe: &Pipeline) -> RedisRes
         result = pipe.query_async(&mut conn).await;
     }
     if matches!(&result, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)) {
-        CLAIM.load_async(&mut conn).await?;
-        RELEASE.load_async(&mut conn).await?;
+        for script in [&*CLAIM, &*MARK_DONE, &*RELEASE] {
+            script.load_async(&mut conn).await?;
+        }
         result = pipe.query_async(&mut conn).await;
     }
     result
+}
+
+/// The replies of [`Dedup::pipeline`]'s commands for `keys` keys, one per key, in order:
+/// each script call answers an array with one entry per key, a plain command one value.
+fn per_key(op: Op, keys: usize, replies: Vec<Value>) -> Result<Vec<Value>, DedupError> {
+    let plain = keys == 1 && matches!(op, Op::ClaimNew | Op::Done);
+    if plain {
+        return match <[Value; 1]>::try_from(replies) {
+            Ok([reply @ (Value::Okay | Value::Nil)]) => Ok(vec![reply]),
+            Ok([other]) => Err(DedupError::UnexpectedReply(format!("{other:?} to SET"))),
+            Err(replies) => Err(count_mismatch(replies.len(), 1)),
+        };
+    }
+    let calls = keys.div_ceil(KEYS_PER_SCRIPT);
+    if replies.len() != calls {
+        return Err(count_mismatch(replies.len(), calls));
+    }
+    let mut out = Vec::with_capacity(keys);
+    for reply in replies {
+        match reply {
+            Value::Array(items) => out.extend(items),
+            other => return Err(DedupError::UnexpectedReply(format!("{other:?} to a script call"))),
+        }
+    }
+    if out.len() != keys {
+        return Err(DedupError::UnexpectedReply(format!(
+            "{} replies for {keys} keys",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn count_mismatch(got: usize, sent: usize) -> DedupError {
+    DedupError::UnexpectedReply(format!("{got} replies to {sent} commands"))
 }
 
 fn claim_reply(reply: Value) -> Result<Claim, DedupError> {
@@ -636,6 +750,40 @@ mod tests {
             err.to_string().starts_with("redis unavailable: unexpected reply"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn script_call_replies_are_split_per_key_and_any_other_shape_is_an_error() {
+        let ints = |n: usize| Value::Array(vec![Value::Int(1); n]);
+        // 1201 keys: three calls of 500, 500 and 201 keys.
+        let ok = per_key(Op::Claim, 1201, vec![ints(500), ints(500), ints(201)]).unwrap();
+        assert_eq!(ok.len(), 1201);
+        assert_eq!(per_key(Op::ClaimNew, 1, vec![Value::Okay]).unwrap(), [Value::Okay]);
+        assert_eq!(per_key(Op::ClaimNew, 1, vec![Value::Nil]).unwrap(), [Value::Nil]);
+        assert_eq!(per_key(Op::Done, 1, vec![Value::Okay]).unwrap(), [Value::Okay]);
+        let bad: Vec<(Op, usize, Vec<Value>)> = vec![
+            (Op::Claim, 3, vec![]),
+            (Op::Claim, 3, vec![ints(2)]),
+            (Op::Claim, 3, vec![ints(4)]),
+            (Op::Claim, 3, vec![ints(3), ints(3)]),
+            (Op::Claim, 600, vec![ints(600)]),
+            (Op::Claim, 2, vec![Value::Int(1)]),
+            (Op::Claim, 2, vec![Value::Okay]),
+            (Op::Release, 1, vec![Value::Nil]),
+            (Op::Done, 2, vec![Value::BulkString(vec![0xff, 0])]),
+            (Op::ClaimNew, 1, vec![]),
+            (Op::ClaimNew, 1, vec![Value::Okay, Value::Okay]),
+            (Op::ClaimNew, 1, vec![Value::Int(1)]),
+            (Op::Done, 1, vec![Value::Array(vec![])]),
+        ];
+        for (op, keys, replies) in bad {
+            let shown = format!("{replies:?}");
+            let err = per_key(op, keys, replies).expect_err(&shown);
+            assert!(matches!(err, DedupError::UnexpectedReply(_)), "{shown}: {err}");
+        }
+        // Each key's entry is checked again by `claim_reply`: a nested array is an error too.
+        assert!(claim_reply(Value::Array(vec![Value::Int(1)])).is_err());
+        assert!(claim_reply(Value::Int(3)).is_err());
     }
 
     #[test]

@@ -130,8 +130,10 @@ async fn a_batch_costs_one_round_trip_whatever_its_size() {
     let mut raw = raw(&server.url()).await;
     let batch: Vec<String> = (0..50).map(|i| format!("key-{i}")).collect();
     // Warm-up: a fresh server does not know the scripts yet (NOSCRIPT, load, retry).
-    d.claim(&keys(&["warm"])).await.unwrap();
-    d.release(&keys(&["warm"])).await.unwrap();
+    let warm = keys(&["warm-1", "warm-2"]);
+    d.claim(&warm).await.unwrap();
+    d.mark_done(&warm).await.unwrap();
+    d.release(&warm).await.unwrap();
 
     let before = stats(&mut raw).await;
     assert!(d.claim(&batch).await.unwrap().iter().all(|c| *c == Claim::Claimed));
@@ -141,12 +143,16 @@ async fn a_batch_costs_one_round_trip_whatever_its_size() {
     d.release(&batch[25..]).await.unwrap();
     let after_release = stats(&mut raw).await;
 
-    // Every key ran its own command...
-    assert_eq!(after_claim.evalsha - before.evalsha, 50);
+    // One script call per batch; inside it, one command per key (SET NX for a new key)...
+    assert_eq!(after_claim.evalsha - before.evalsha, 1);
+    assert_eq!(after_claim.set - before.set, 50);
+    assert_eq!(after_done.evalsha - after_claim.evalsha, 1);
     assert_eq!(after_done.set - after_claim.set, 25);
-    assert_eq!(after_release.evalsha - after_done.evalsha, 25);
-    // ...but the server read each batch in one go: the read count grows by the batch (one
-    // read; two if TCP splits the pipeline) plus the INFO that measures it, never per key.
+    assert_eq!(after_release.evalsha - after_done.evalsha, 1);
+    assert_eq!(after_release.del - after_done.del, 25, "our 25 leases deleted");
+    assert_eq!(after_release.set, after_done.set);
+    // ...and the server read each batch in one go: the read count grows by the batch (one
+    // read; two if TCP splits it) plus the INFO that measures it, never per key.
     for (what, reads) in [
         ("claim", after_claim.reads - before.reads),
         ("mark_done", after_done.reads - after_claim.reads),
@@ -154,6 +160,91 @@ async fn a_batch_costs_one_round_trip_whatever_its_size() {
     ] {
         assert!((2..=3).contains(&reads), "{what}: {reads} socket reads for a batch");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_script_call_is_split_and_keeps_every_key_in_order() {
+    use Claim::*;
+    let server = TestRedis::start(&[]);
+    let cfg = test_cfg(&server.url());
+    let (a, b) = (connect(&cfg, "g").await, connect(&cfg, "g").await);
+    let mut raw = raw(&server.url()).await;
+    let batch: Vec<String> = (0..1201).map(|i| format!("key-{i}")).collect();
+    // Every 7th key is done already, every 11th (not 7th) held by b: the replies must land
+    // on their keys across the three script calls.
+    let done: Vec<String> = batch.iter().step_by(7).cloned().collect();
+    let held: Vec<String> = (0..1201)
+        .filter(|i| i % 11 == 0 && i % 7 != 0)
+        .map(|i| batch[i].clone())
+        .collect();
+    a.mark_done(&done).await.unwrap();
+    assert!(b.claim(&held).await.unwrap().iter().all(|c| *c == Claimed));
+
+    let before = stats(&mut raw).await;
+    let claims = a.claim(&batch).await.unwrap();
+    let after = stats(&mut raw).await;
+    assert_eq!(after.evalsha - before.evalsha, 3, "1201 keys = 500 + 500 + 201");
+    let expected: Vec<Claim> = (0..1201)
+        .map(|i| match (i % 7 == 0, i % 11 == 0) {
+            (true, _) => Done,
+            (false, true) => Busy,
+            (false, false) => Claimed,
+        })
+        .collect();
+    assert_eq!(claims, expected);
+    for i in [1, 499, 500, 501, 999, 1000, 1200] {
+        let owner = get(&mut raw, &a.storage_key(&batch[i])).await;
+        assert_eq!(owner.as_deref(), Some(a.owner()), "key {i}");
+    }
+    a.mark_done(&batch).await.unwrap();
+    assert_eq!(b.claim(&batch).await.unwrap(), vec![Done; 1201]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_new_key_costs_plain_commands_and_only_an_existing_key_runs_the_script() {
+    use Claim::*;
+    let server = TestRedis::start(&[]);
+    let cfg = test_cfg(&server.url());
+    let (a, b) = (connect(&cfg, "g").await, connect(&cfg, "g").await);
+    let mut raw = raw(&server.url()).await;
+    let k = keys(&["only"]);
+    // Warm-up: a fresh server does not know the scripts yet (NOSCRIPT, load, retry).
+    let warm = keys(&["warm-1", "warm-2"]);
+    a.claim(&warm).await.unwrap();
+    a.release(&warm).await.unwrap();
+
+    let s0 = stats(&mut raw).await;
+    assert_eq!(a.claim(&k).await.unwrap(), [Claimed]);
+    let s1 = stats(&mut raw).await;
+    assert_eq!(
+        (s1.set - s0.set, s1.evalsha - s0.evalsha),
+        (1, 0),
+        "a new key: one SET NX"
+    );
+    assert_eq!(get(&mut raw, &a.storage_key("only")).await.as_deref(), Some(a.owner()));
+    let ttl = pttl(&mut raw, &a.storage_key("only")).await;
+    assert!(ttl > 0 && ttl <= cfg.lease_ttl.as_millis() as i64, "lease ttl {ttl}ms");
+
+    // The key exists: SET NX fails and the script decides (ours → refreshed; b → busy).
+    assert_eq!(a.claim(&k).await.unwrap(), [Claimed]);
+    assert_eq!(b.claim(&k).await.unwrap(), [Busy]);
+    let s2 = stats(&mut raw).await;
+    assert_eq!(s2.evalsha - s1.evalsha, 2);
+    assert_eq!(get(&mut raw, &a.storage_key("only")).await.as_deref(), Some(a.owner()));
+
+    a.mark_done(&k).await.unwrap();
+    let s3 = stats(&mut raw).await;
+    assert_eq!((s3.set - s2.set, s3.evalsha - s2.evalsha), (1, 0), "done: one SET");
+    assert_eq!(get(&mut raw, &a.storage_key("only")).await.as_deref(), Some("done"));
+    assert_eq!(b.claim(&k).await.unwrap(), [Done]);
+    assert_eq!(a.claim(&k).await.unwrap(), [Done]);
+
+    let other = keys(&["other"]);
+    assert_eq!(b.claim(&other).await.unwrap(), [Claimed]);
+    a.release(&other).await.unwrap();
+    assert_eq!(get(&mut raw, &a.storage_key("other")).await.as_deref(), Some(b.owner()));
+    b.release(&other).await.unwrap();
+    assert_eq!(get(&mut raw, &a.storage_key("other")).await, None);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -296,9 +387,13 @@ async fn a_cluster_batch_spans_slots_and_nodes_and_survives_a_node_restart() {
         "one batch reached every node: {per_node:?}"
     );
 
-    // Redis Cluster takes no pipeline across slots: the batch goes out as per-slot pipelines,
-    // concurrently. Each key is one command, and the nodes read them in far fewer socket
-    // reads than keys (the node connections coalesce concurrent requests).
+    // A script's keys must share a slot: the batch goes out as one script call per slot,
+    // concurrently, and the nodes read them in far fewer socket reads than keys (the node
+    // connections coalesce concurrent requests).
+    let slots: std::collections::HashSet<_> = batch
+        .iter()
+        .map(|k| redis::cluster_routing::Slot::for_key(a.storage_key(k)))
+        .collect();
     let mut node_conns = Vec::new();
     for url in cluster.urls() {
         node_conns.push(raw(&url).await);
@@ -314,7 +409,7 @@ async fn a_cluster_batch_spans_slots_and_nodes_and_survives_a_node_restart() {
         commands += after.evalsha - before.evalsha;
         reads += after.reads - before.reads - 1; // minus the INFO that measures it
     }
-    assert_eq!(commands, 30);
+    assert_eq!(commands, slots.len() as i64, "one script call per slot");
     assert!(reads < 15, "{reads} socket reads for a batch of 30 keys on 3 nodes");
     a.mark_done(&batch[..10]).await.unwrap();
     a.release(&batch[10..]).await.unwrap();
@@ -442,12 +537,14 @@ async fn dbsize(raw: &mut MultiplexedConnection) -> i64 {
     redis::cmd("DBSIZE").query_async(raw).await.unwrap()
 }
 
-/// Server counters: socket reads, and calls of EVALSHA and SET.
+/// Server counters: socket reads, and calls of EVALSHA, SET and DEL (also those that
+/// scripts make).
 #[derive(Debug, Clone, Copy)]
 struct Stats {
     reads: i64,
     evalsha: i64,
     set: i64,
+    del: i64,
 }
 
 async fn stats(raw: &mut MultiplexedConnection) -> Stats {
@@ -470,6 +567,7 @@ async fn stats(raw: &mut MultiplexedConnection) -> Stats {
         reads: field("total_reads_processed:"),
         evalsha: field("cmdstat_evalsha:calls="),
         set: field("cmdstat_set:calls="),
+        del: field("cmdstat_del:calls="),
     }
 }
 
