@@ -422,8 +422,9 @@ impl Dedup {
         }
     }
 
-    /// A script's keys must share a hash slot in Redis Cluster, so the batch is split by
-    /// slot and the per-slot calls are sent concurrently (one round trip of latency).
+    /// A pipeline's and a script's keys must share a hash slot in Redis Cluster, so the batch
+    /// is split by slot and the per-slot calls are sent concurrently (one round trip of
+    /// latency).
     async fn cluster_batch(
         &self,
         conn: &ClusterConnection,
