@@ -417,20 +417,27 @@ impl Dedup {
             }
             Remote::Cluster(cluster) => {
                 let conn = cluster.get();
-                cluster.observe(self.bounded(self.cluster_batch(&conn, op, keys)).await)?
+                let groups = cluster.observe(self.bounded(self.cluster_batch(&conn, op, keys)).await)?;
+                let mut replies = vec![Value::Nil; keys.len()];
+                for (group, group_replies) in groups {
+                    for (i, reply) in group.iter().zip(per_key(op, group.len(), group_replies)?) {
+                        replies[*i] = reply;
+                    }
+                }
+                Ok(replies)
             }
         }
     }
 
     /// A pipeline's and a script's keys must share a hash slot in Redis Cluster, so the batch
     /// is split by slot and the per-slot calls are sent concurrently (one round trip of
-    /// latency).
+    /// latency). Each slot's key indices with that slot's replies.
     async fn cluster_batch(
         &self,
         conn: &ClusterConnection,
         op: Op,
         keys: &[&str],
-    ) -> RedisResult<Result<Vec<Value>, DedupError>> {
+    ) -> RedisResult<Vec<(Vec<usize>, Vec<Value>)>> {
         let mut slots: HashMap<Slot, Vec<usize>> = HashMap::new();
         for (i, key) in keys.iter().enumerate() {
             slots.entry(Slot::for_key(self.storage_key(key))).or_default().push(i);
@@ -442,17 +449,11 @@ impl Dedup {
             async move { query(conn, &pipe).await }
         });
         let results = futures::future::join_all(requests).await;
-        let mut replies = vec![Value::Nil; keys.len()];
-        for (group, result) in groups.iter().zip(results) {
-            let group_replies = match per_key(op, group.len(), result?) {
-                Ok(r) => r,
-                Err(e) => return Ok(Err(e)),
-            };
-            for (&i, reply) in group.iter().zip(group_replies) {
-                replies[i] = reply;
-            }
-        }
-        Ok(Ok(replies))
+        groups
+            .into_iter()
+            .zip(results)
+            .map(|(group, result)| result.map(|replies| (group, replies)))
+            .collect()
     }
 
     /// The commands of `op` for `keys`, namespaced: one plain command per key, or one script
@@ -463,24 +464,17 @@ impl Dedup {
             Op::Claim | Op::Release => keys.len().div_ceil(KEYS_PER_SCRIPT),
         });
         let script = match op {
-            Op::ClaimNew => {
+            Op::ClaimNew | Op::Done => {
+                let (value, ttl) = match op {
+                    Op::ClaimNew => (self.owner.as_str(), self.lease_ttl),
+                    _ => (DONE, self.done_ttl),
+                };
                 for key in keys {
-                    pipe.cmd("SET")
-                        .arg(self.storage_key(key))
-                        .arg(&self.owner)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis(self.lease_ttl));
-                }
-                return pipe;
-            }
-            Op::Done => {
-                for key in keys {
-                    pipe.cmd("SET")
-                        .arg(self.storage_key(key))
-                        .arg(DONE)
-                        .arg("PX")
-                        .arg(millis(self.done_ttl));
+                    let set = pipe.cmd("SET").arg(self.storage_key(key)).arg(value);
+                    if op == Op::ClaimNew {
+                        set.arg("NX");
+                    }
+                    set.arg("PX").arg(millis(ttl));
                 }
                 return pipe;
             }

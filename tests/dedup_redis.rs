@@ -129,11 +129,7 @@ async fn a_batch_costs_one_round_trip_whatever_its_size() {
     let d = connect(&test_cfg(&server.url()), "g").await;
     let mut raw = raw(&server.url()).await;
     let batch: Vec<String> = (0..50).map(|i| format!("key-{i}")).collect();
-    // Warm-up: a fresh server does not know the scripts yet (NOSCRIPT, load, retry).
-    let warm = keys(&["warm-1", "warm-2"]);
-    d.claim(&warm).await.unwrap();
-    d.mark_done(&warm).await.unwrap();
-    d.release(&warm).await.unwrap();
+    warm_up_scripts(&d).await;
 
     let before = stats(&mut raw).await;
     assert!(d.claim(&batch).await.unwrap().iter().all(|c| *c == Claim::Claimed));
@@ -167,9 +163,7 @@ async fn a_batch_costs_one_round_trip_whatever_its_size() {
 async fn a_batch_larger_than_one_script_call_is_split_and_keeps_every_key_in_order() {
     use Claim::*;
     let server = TestRedis::start(&[]);
-    let cfg = test_cfg(&server.url());
-    let (a, b) = (connect(&cfg, "g").await, connect(&cfg, "g").await);
-    let mut raw = raw(&server.url()).await;
+    let (_, a, b, mut raw) = two_owners(&server).await;
     let batch: Vec<String> = (0..1201).map(|i| format!("key-{i}")).collect();
     // Every key exists, so each goes on to the claim script: every 7th is done, every 11th
     // (not 7th) held by b, the rest held by a. The replies must land on their keys across
@@ -211,14 +205,9 @@ async fn a_batch_larger_than_one_script_call_is_split_and_keeps_every_key_in_ord
 async fn a_single_new_key_costs_plain_commands_and_only_an_existing_key_runs_the_script() {
     use Claim::*;
     let server = TestRedis::start(&[]);
-    let cfg = test_cfg(&server.url());
-    let (a, b) = (connect(&cfg, "g").await, connect(&cfg, "g").await);
-    let mut raw = raw(&server.url()).await;
+    let (cfg, a, b, mut raw) = two_owners(&server).await;
     let k = keys(&["only"]);
-    // Warm-up: a fresh server does not know the scripts yet (NOSCRIPT, load, retry).
-    let warm = keys(&["warm-1", "warm-2"]);
-    a.claim(&warm).await.unwrap();
-    a.release(&warm).await.unwrap();
+    warm_up_scripts(&a).await;
 
     let s0 = stats(&mut raw).await;
     assert_eq!(a.claim(&k).await.unwrap(), [Claimed]);
@@ -503,6 +492,21 @@ fn shared_cfg() -> DedupConfig {
         panic!("Redis is not reachable at 127.0.0.1:6379 ({e}): {ENV_HINT}");
     }
     test_cfg(SHARED_REDIS)
+}
+
+/// Two owners of one namespace on `server`, their config, and a plain connection to it.
+async fn two_owners(server: &TestRedis) -> (DedupConfig, Dedup, Dedup, MultiplexedConnection) {
+    let cfg = test_cfg(&server.url());
+    let (a, b) = (connect(&cfg, "g").await, connect(&cfg, "g").await);
+    (cfg, a, b, raw(&server.url()).await)
+}
+
+/// A fresh server does not know the scripts yet (NOSCRIPT, load, retry): a release runs one,
+/// and its NOSCRIPT answer loads them all, so that counting commands afterwards sees no retry.
+async fn warm_up_scripts(d: &Dedup) {
+    let warm = keys(&["warm-1", "warm-2"]);
+    d.claim(&warm).await.unwrap();
+    d.release(&warm).await.unwrap();
 }
 
 async fn connect(cfg: &DedupConfig, group: &str) -> Dedup {
