@@ -40,14 +40,19 @@ pub enum Input {
 
 /// Records and bytes read and not yet finished: the memory bound.
 ///
-/// The poll thread holding at the limit sleeps in [`InFlight::wait_for_release`] and is woken
-/// by the next release. A release costs one atomic load unless the poll thread is waiting.
+/// The poll thread holding at the limit sleeps in [`InFlight::wait_for_release`] until the
+/// counts are down to the target it waits for, and is woken by the release that gets them
+/// there: one wake-up per refill, not per finished record. A release costs one atomic load
+/// unless the poll thread is waiting.
 #[derive(Debug, Default)]
 pub struct InFlight {
     pub records: AtomicUsize,
     pub bytes: AtomicUsize,
     /// The poll thread waits on `released` (with `hold` locked) while this is set.
     holding: AtomicBool,
+    /// The counts the waiting poll thread waits for (at most these), set before `holding`.
+    target_records: AtomicUsize,
+    target_bytes: AtomicUsize,
     hold: Mutex<()>,
     released: Condvar,
 }
@@ -62,12 +67,27 @@ impl InFlight {
     pub(crate) fn release(&self, records: usize, bytes: usize) {
         self.records.fetch_sub(records, AtomicOrdering::SeqCst);
         self.bytes.fetch_sub(bytes, AtomicOrdering::SeqCst);
-        // SeqCst pairs with `wait_for_release`: either this load sees `holding` set, or the
-        // waiter's check (after it set `holding`) sees the counts just released.
-        if self.holding.load(AtomicOrdering::SeqCst) {
+        // SeqCst pairs with `wait_for_release`: either this load sees `holding` set (and the
+        // target stored before it), or the waiter's check (after it set `holding`) sees the
+        // counts just released. Only the poll thread adds, and it is the waiter, so counts
+        // above the target now are brought down to it by a later release, which wakes it.
+        if self.holding.load(AtomicOrdering::SeqCst) && self.reached(self.target()) {
             let _hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
             self.released.notify_all();
         }
+    }
+
+    fn target(&self) -> (usize, usize) {
+        (
+            self.target_records.load(AtomicOrdering::SeqCst),
+            self.target_bytes.load(AtomicOrdering::SeqCst),
+        )
+    }
+
+    /// Whether at most `target` records and bytes are in flight.
+    fn reached(&self, (records, bytes): (usize, usize)) -> bool {
+        let (r, b) = self.get();
+        r <= records && b <= bytes
     }
 
     pub fn get(&self) -> (usize, usize) {
@@ -77,13 +97,24 @@ impl InFlight {
         )
     }
 
-    /// Blocks the calling thread until the counts differ from `seen` (records were released)
-    /// or `timeout` passes. For the poll thread holding at the limit.
-    pub fn wait_for_release(&self, seen: (usize, usize), timeout: Duration) {
-        let hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Blocks the calling thread until at most `target` records and bytes are in flight, or
+    /// `timeout` passes. For the poll thread holding at the limit.
+    pub fn wait_for_release(&self, target: (usize, usize), timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        self.target_records.store(target.0, AtomicOrdering::SeqCst);
+        self.target_bytes.store(target.1, AtomicOrdering::SeqCst);
         self.holding.store(true, AtomicOrdering::SeqCst);
-        if self.get() == seen {
-            let _ = self.released.wait_timeout(hold, timeout);
+        while !self.reached(target) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            hold = self
+                .released
+                .wait_timeout(hold, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         self.holding.store(false, AtomicOrdering::SeqCst);
     }

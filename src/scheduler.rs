@@ -903,28 +903,49 @@ mod tests {
     }
 
     #[test]
-    fn a_release_wakes_the_poll_thread_holding_at_the_limit() {
+    fn the_poll_thread_holding_at_the_limit_is_woken_once_the_counts_are_down_to_its_target() {
         let in_flight = Arc::new(InFlight::default());
-        in_flight.add(100);
-        let seen = in_flight.get();
+        for _ in 0..10 {
+            in_flight.add(100);
+        }
         let releaser = {
             let in_flight = in_flight.clone();
             std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                in_flight.release(1, 100);
+                for _ in 0..10 {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    in_flight.release(1, 100);
+                }
             })
         };
         let started = std::time::Instant::now();
-        in_flight.wait_for_release(seen, Duration::from_secs(60));
+        in_flight.wait_for_release((4, usize::MAX), Duration::from_secs(60));
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "woken by the release, not by the timeout"
         );
-        assert_eq!(in_flight.get(), (0, 0));
+        let (records, _) = in_flight.get();
+        assert!(records <= 4, "woken before the target: {records} records in flight");
         releaser.join().unwrap();
-        // Counts that already moved since they were seen: no wait at all.
+        assert_eq!(in_flight.get(), (0, 0));
+        // The bytes are a target too.
+        in_flight.add(1000);
+        let releaser = {
+            let in_flight = in_flight.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                in_flight.release(0, 600);
+            })
+        };
+        in_flight.wait_for_release((usize::MAX, 400), Duration::from_secs(60));
+        assert_eq!(in_flight.get(), (1, 400));
+        releaser.join().unwrap();
+        // Counts already at the target: no wait at all.
         let started = std::time::Instant::now();
-        in_flight.wait_for_release(seen, Duration::from_secs(60));
+        in_flight.wait_for_release((1, 400), Duration::from_secs(60));
         assert!(started.elapsed() < Duration::from_secs(30));
+        // Never reached: back after the timeout.
+        let started = std::time::Instant::now();
+        in_flight.wait_for_release((0, 0), Duration::from_millis(50));
+        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }

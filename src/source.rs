@@ -610,7 +610,7 @@ impl PollLoop {
             if flow == Flow::Hold {
                 // No poll while holding: it would hand over a record. Holding ends within a
                 // rate window (or partitions are paused and polled), well within max.poll.interval.
-                self.in_flight.wait_for_release(seen, HOLD_WAIT);
+                self.in_flight.wait_for_release(pressure.hold_target(), HOLD_WAIT);
                 continue;
             }
             self.release_due(&mut pressure, &mut capped)?;

@@ -4,8 +4,9 @@
 //! that prefetch away; it is fetched again on resume. Pausing every time the in-flight limit
 //! is reached therefore turns a backlog into a pause/refetch loop. Instead, at the limit the
 //! poll thread *holds*: it stops taking records, librdkafka keeps (and stops growing) its
-//! prefetch, and reading goes on as soon as workers finish records. Memory stays bounded by
-//! the in-flight limit plus the prefetch cap.
+//! prefetch, and reading goes on once workers have finished a refill's worth of records
+//! ([`REFILL_DIVISOR`]): one wake-up of the poll thread per refill, not one per finished
+//! record. Memory stays bounded by the in-flight limit plus the prefetch cap.
 //!
 //! Holding has one cost: rebalance events wait in librdkafka's queue behind the prefetched
 //! records, so a rebalance is noticed only once they are read. While the pipeline reads
@@ -35,6 +36,12 @@ pub const MAX_PREFETCH_DRAIN: Duration = Duration::from_secs(10);
 /// How long the read rate is measured at the limit before deciding to pause.
 pub const RATE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Holding at the limit ends once 1/16 of it (and at least one record) is free again: a
+/// thread wake-up and a poll per refill instead of per finished record (at 1,000 records
+/// in flight, reading resumes at 936). Far more records than workers stay queued, so the
+/// workers never wait on it.
+pub const REFILL_DIVISOR: usize = 16;
+
 /// Limits that drive holding and pause/resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -61,6 +68,8 @@ pub enum Flow {
 #[derive(Debug)]
 pub struct Pressure {
     limits: Limits,
+    /// At the limit, and not yet down to the refill target.
+    holding: bool,
     paused: bool,
     slow: bool,
     /// The current rate window: when it started, bytes read since, and whether the limit was
@@ -72,6 +81,7 @@ impl Pressure {
     pub fn new(limits: Limits, now: Instant) -> Self {
         Self {
             limits,
+            holding: false,
             paused: false,
             slow: false,
             window: (now, 0, false),
@@ -82,6 +92,8 @@ impl Pressure {
     pub fn update(&mut self, now: Instant, records: usize, bytes: usize) -> Flow {
         let l = &self.limits;
         let full = records >= l.max_records || bytes >= l.max_bytes;
+        let (target_records, target_bytes) = self.hold_target();
+        self.holding = full || (self.holding && (records > target_records || bytes > target_bytes));
         if records <= l.resume_records && bytes <= l.resume_bytes {
             self.paused = false;
         }
@@ -99,11 +111,17 @@ impl Pressure {
         }
         if self.paused {
             Flow::Paused
-        } else if full {
+        } else if self.holding {
             Flow::Hold
         } else {
             Flow::Read
         }
+    }
+
+    /// While holding: the most records and bytes in flight at which reading goes on.
+    pub fn hold_target(&self) -> (usize, usize) {
+        let below = |limit: usize| limit.saturating_sub(1 + limit / REFILL_DIVISOR);
+        (below(self.limits.max_records), below(self.limits.max_bytes))
     }
 
     /// A record of this size was taken from librdkafka.
@@ -156,7 +174,43 @@ mod tests {
         let mut p = Pressure::new(LIMITS, t0);
         assert_eq!(p.update(t0, 100, 0), Flow::Hold);
         assert_eq!(p.update(ms(t0, 500), 60, 100_000), Flow::Hold);
-        assert_eq!(p.update(ms(t0, 600), 99, 0), Flow::Read, "not paused");
+        assert_eq!(p.update(ms(t0, 600), 93, 0), Flow::Read, "not paused");
+    }
+
+    #[test]
+    fn holding_ends_once_a_refill_is_free_not_at_the_first_finished_record() {
+        let t0 = Instant::now();
+        let mut p = Pressure::new(LIMITS, t0);
+        // 100 records, 100,000 bytes: read again at 93 records and 93,749 bytes.
+        assert_eq!(p.hold_target(), (93, 93_749));
+        assert_eq!(p.update(t0, 99, 0), Flow::Read, "below the limit, not holding yet");
+        assert_eq!(p.update(t0, 100, 0), Flow::Hold);
+        assert_eq!(p.update(ms(t0, 1), 99, 0), Flow::Hold);
+        assert_eq!(p.update(ms(t0, 2), 94, 0), Flow::Hold);
+        assert_eq!(p.update(ms(t0, 3), 93, 93_750), Flow::Hold, "bytes above their target");
+        assert_eq!(p.update(ms(t0, 4), 93, 93_749), Flow::Read);
+        assert_eq!(p.update(ms(t0, 5), 99, 0), Flow::Read, "reads up to the limit again");
+        assert_eq!(p.update(ms(t0, 6), 50, 100_000), Flow::Hold, "full by bytes");
+        assert_eq!(p.update(ms(t0, 7), 50, 99_000), Flow::Hold);
+        assert_eq!(p.update(ms(t0, 8), 50, 0), Flow::Read);
+        // A limit of one record: reading goes on as soon as it is finished.
+        let one = Pressure::new(
+            Limits {
+                max_records: 1,
+                ..LIMITS
+            },
+            t0,
+        );
+        assert_eq!(one.hold_target().0, 0);
+        let zero = Pressure::new(
+            Limits {
+                max_records: 0,
+                max_bytes: 0,
+                ..LIMITS
+            },
+            t0,
+        );
+        assert_eq!(zero.hold_target(), (0, 0));
     }
 
     #[test]
@@ -171,7 +225,7 @@ mod tests {
         }
         assert_eq!(p.update(ms(t0, 1000), 100, 0), Flow::Hold);
         assert!(!p.is_slow());
-        assert_eq!(p.update(ms(t0, 1001), 99, 0), Flow::Read, "not paused");
+        assert_eq!(p.update(ms(t0, 1001), 90, 0), Flow::Read, "not paused");
     }
 
     #[test]
