@@ -38,8 +38,8 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Holding at the limit ends once 1/16 of it (and at least one record) is free again: a
 /// thread wake-up and a poll per refill instead of per finished record (at 1,000 records
-/// in flight, reading resumes at 936). Far more records than workers stay queued, so the
-/// workers never wait on it.
+/// in flight, reading resumes at 936). With the defaults (1,000 records, 64 workers) far more
+/// records than workers stay queued meanwhile, so the workers do not wait on it.
 pub const REFILL_DIVISOR: usize = 16;
 
 /// Limits that drive holding and pause/resume.
