@@ -65,6 +65,7 @@ install_packages() {
   local want=() p
   command -v redis-server >/dev/null || want+=(redis-server)
   command -v kcat >/dev/null || want+=(kcat)
+  command -v wrk >/dev/null || want+=(wrk) # the sink's own rate in bench.sh --peers
   # promtool (metrics and alert-rule checks) and the server tests/prometheus.rs starts
   { command -v promtool && command -v prometheus; } >/dev/null || want+=(prometheus)
   command -v "$JAVA" >/dev/null || want+=(openjdk-17-jdk-headless)
