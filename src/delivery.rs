@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Method, Request};
+use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AppConfig, AppTarget, DeliveryMode};
@@ -25,7 +28,11 @@ use crate::record::Record;
 use crate::retry::{parse_retry_after, ErrorInfo, Transport};
 use crate::retry_topics::RetryInfo;
 
+mod client;
 mod envelope;
+
+pub use self::client::MAX_RESPONSE_BYTES;
+use self::client::{Endpoint, Exchange, Http};
 
 /// Headers of the single-mode request.
 pub mod headers {
@@ -72,8 +79,8 @@ pub struct Reply {
 /// The app as seen from the sidecar.
 #[derive(Debug, Clone)]
 pub struct AppClient {
-    client: reqwest::Client,
-    url: reqwest::Url,
+    http: Http,
+    endpoint: Endpoint,
     mode: DeliveryMode,
     /// The consumer group as a header value, built once (None if it is not a valid header
     /// value: the header is then left out rather than failing every request).
@@ -179,19 +186,12 @@ impl AppClient {
             default_headers.insert(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
         }
         let target = AppTarget::parse(&cfg.url).map_err(|e| anyhow::anyhow!("app.url {e}"))?;
-        let mut builder = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .default_headers(default_headers);
-        if let Some(socket) = target.socket() {
-            // Every connection goes to the socket; the URL then only gives the path and Host.
-            builder = builder.unix_socket(std::path::Path::new(socket));
-        }
+        let endpoint = Endpoint::parse(&cfg.url).map_err(|e| anyhow::anyhow!("app.url {e}"))?;
+        // Over a socket every connection goes to it; the URL then only gives the path and Host.
+        let http = Http::new(target.socket(), default_headers, cfg.timeout, cfg.connect_timeout)?;
         Ok(Self {
-            client: builder.build()?,
-            url: target.request_url().parse()?,
+            http,
+            endpoint,
             mode: cfg.mode,
             group_header,
             max_header_bytes: usize::try_from(cfg.max_header_bytes.as_u64()).unwrap_or(usize::MAX),
@@ -204,31 +204,20 @@ impl AppClient {
             DeliveryMode::Single => self.single_request(&records[0], attempt),
             DeliveryMode::Batch => self.batch_request(records, attempt),
         };
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return Reply {
-                    transport: transport_error(&e),
-                    per_record: None,
-                }
-            }
+        let (status, retry_after, body) = match self.http.exchange(request).await {
+            Exchange::Answered {
+                status,
+                retry_after,
+                body,
+            } => (status, retry_after, body),
+            Exchange::Unreachable(e) => return Reply::transport(Transport::Unreachable(e)),
+            Exchange::Timeout => return Reply::transport(Transport::Timeout),
+            Exchange::Failed(e) => return Reply::transport(Transport::Failed(e)),
         };
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
+        let retry_after = retry_after
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        // Read the body to the end so the connection goes back to the pool.
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return Reply {
-                    transport: transport_error(&e),
-                    per_record: None,
-                }
-            }
-        };
         let per_record = match self.mode {
             DeliveryMode::Batch if (200..300).contains(&status) => parse_results(&body, records.len()),
             _ => None,
@@ -243,16 +232,27 @@ impl AppClient {
     /// until it answers 2xx. False if `stop` fires first.
     pub async fn wait_healthy(&self, url: &str, stop: &tokio_util::sync::CancellationToken) -> bool {
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-        let request_url = AppTarget::parse(url).map_or_else(|_| url.to_string(), |t| t.request_url());
+        // Checked by config validation; a URL that still fails is reported as the answer.
+        let endpoint = Endpoint::parse(url).map_err(|e| format!("app.health_url {e}"));
         for n in 0u64.. {
-            let status = self.client.get(&request_url).send().await.map(|r| r.status());
+            let status = match &endpoint {
+                Ok(endpoint) => {
+                    let request = self.http.request(Method::GET, endpoint, HeaderMap::new(), Bytes::new());
+                    match self.http.exchange(request).await {
+                        Exchange::Answered { status, .. } => Ok(status),
+                        Exchange::Timeout => Err("timed out".to_string()),
+                        Exchange::Unreachable(e) | Exchange::Failed(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e.clone()),
+            };
             match status {
-                Ok(s) if s.is_success() => {
+                Ok(s) if (200..300).contains(&s) => {
                     tracing::info!(url = %crate::config::redact::url(url), "app is healthy; joining the consumer group");
                     return true;
                 }
                 other if n % 10 == 0 => {
-                    let why = other.map_or_else(|e| error_chain(&e), |s| format!("status {s}"));
+                    let why = other.map_or_else(|e| e, |s| format!("status {s}"));
                     tracing::info!(url = %crate::config::redact::url(url), answer = %why, "waiting for the app to be healthy before joining the consumer group");
                 }
                 _ => {}
@@ -319,10 +319,10 @@ impl AppClient {
         FIXED + r.topic.len() + group + out.idempotency_key.len() + key + 2 + json + trace + retry
     }
 
-    fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> reqwest::RequestBuilder {
+    fn single_request(&self, out: &Outgoing<'_>, attempt: u32) -> Request<Full<Bytes>> {
         let h = self.single_headers(out, attempt);
         let body = out.record.value.clone().unwrap_or_default();
-        self.client.post(self.url.clone()).headers(h).body(body)
+        self.http.request(Method::POST, &self.endpoint, h, body)
     }
 
     /// The headers of a single-mode request (`app.headers` are added by the client).
@@ -379,50 +379,25 @@ impl AppClient {
         h
     }
 
-    fn batch_request(&self, records: &[Outgoing<'_>], attempt: u32) -> reqwest::RequestBuilder {
+    fn batch_request(&self, records: &[Outgoing<'_>], attempt: u32) -> Request<Full<Bytes>> {
         let mut h = HeaderMap::with_capacity(3);
         if let Some(group) = &self.group_header {
             h.insert(headers::GROUP, group.clone());
         }
         h.insert(headers::ATTEMPT, HeaderValue::from(attempt));
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        self.client
-            .post(self.url.clone())
-            .headers(h)
-            .body(envelope::batch_body(records, attempt))
+        let body = envelope::batch_body(records, attempt);
+        self.http.request(Method::POST, &self.endpoint, h, body.into())
     }
 }
 
-fn transport_error(e: &reqwest::Error) -> Transport {
-    if e.is_connect() {
-        Transport::Unreachable(error_text(e))
-    } else if e.is_timeout() {
-        Transport::Timeout
-    } else {
-        Transport::Failed(error_text(e))
+impl Reply {
+    fn transport(transport: Transport) -> Self {
+        Self {
+            transport,
+            per_record: None,
+        }
     }
-}
-
-/// The error chain with the URL's credentials redacted: the text goes to logs and into
-/// `x-dlq-error` of dead-lettered records.
-fn error_text(e: &reqwest::Error) -> String {
-    let msg = error_chain(e);
-    match e.url() {
-        Some(u) => msg.replace(u.as_str(), &crate::config::redact::url(u.as_str())),
-        None => msg,
-    }
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); keep the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 /// Size of headers as sent in HTTP/1.1: `name: value\r\n` each.
@@ -586,7 +561,6 @@ mod tests {
                 DeliveryMode::Single => app.single_request(&outgoing(&r, &no_trace), 1),
                 DeliveryMode::Batch => app.batch_request(&[outgoing(&r, &no_trace)], 1),
             };
-            let request = request.build().expect("a request is built");
             assert!(request.headers().get(headers::GROUP).is_none(), "{mode:?}");
             assert_eq!(request.headers()[headers::ATTEMPT], "1");
             let good = client(mode, "orders-app");
@@ -594,7 +568,7 @@ mod tests {
                 DeliveryMode::Single => good.single_request(&outgoing(&r, &no_trace), 1),
                 DeliveryMode::Batch => good.batch_request(&[outgoing(&r, &no_trace)], 1),
             };
-            assert_eq!(request.build().unwrap().headers()[headers::GROUP], "orders-app");
+            assert_eq!(request.headers()[headers::GROUP], "orders-app");
         }
     }
 

@@ -270,8 +270,8 @@ async fn a_running_sidecar_shows_no_secret_in_logs_status_or_metrics() {
     assert!(delivered, "3 records delivered, got {}", app.delivered_count());
     let (committed, ends) = wait_committed_to_end(&group, &topic, 1, Duration::from_secs(30)).await;
     assert_eq!(committed, ends, "everything committed");
-    // The app goes away for a moment: "app unreachable" is logged with reqwest's error,
-    // whose text names the app URL.
+    // The app goes away for a moment: "app unreachable" is logged with the connection error,
+    // which must not name the credentials either.
     app.stop();
     produce(&topic, vec![Out::keyed("k4", "after the outage")]).await;
     let logged = wait_until(Duration::from_secs(30), || sidecar.log().contains("app unreachable")).await;
@@ -281,7 +281,7 @@ async fn a_running_sidecar_shows_no_secret_in_logs_status_or_metrics() {
         wait_until(Duration::from_secs(60), || app.delivered_count() >= 4).await,
         "delivered after the outage"
     );
-    // The credentials were used, not only hidden (reqwest sends the URL's userinfo as Basic
+    // The credentials were used, not only hidden (the URL's userinfo is sent as Basic
     // auth, which takes the place of the configured Authorization header).
     assert!(app.requests()[0].headers.contains_key("authorization"));
 
