@@ -25,14 +25,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AppConfig, AppTarget, DeliveryMode};
 use crate::record::Record;
-use crate::retry::{parse_retry_after, ErrorInfo, Transport};
+use crate::retry::{ErrorInfo, Transport};
 use crate::retry_topics::RetryInfo;
 
 mod client;
 mod envelope;
 
 pub use self::client::MAX_RESPONSE_BYTES;
-use self::client::{Endpoint, Exchange, Http};
+use self::client::{Endpoint, Http};
 
 /// Headers of the single-mode request.
 pub mod headers {
@@ -204,28 +204,14 @@ impl AppClient {
             DeliveryMode::Single => self.single_request(&records[0], attempt),
             DeliveryMode::Batch => self.batch_request(records, attempt),
         };
-        let (status, retry_after, body) = match self.http.exchange(request).await {
-            Exchange::Answered {
-                status,
-                retry_after,
-                body,
-            } => (status, retry_after, body),
-            Exchange::Unreachable(e) => return Reply::transport(Transport::Unreachable(e)),
-            Exchange::Timeout => return Reply::transport(Transport::Timeout),
-            Exchange::Failed(e) => return Reply::transport(Transport::Failed(e)),
-        };
-        let retry_after = retry_after
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let per_record = match self.mode {
-            DeliveryMode::Batch if (200..300).contains(&status) => parse_results(&body, records.len()),
+        let (transport, body) = self.http.exchange(request).await;
+        let per_record = match (self.mode, &transport) {
+            (DeliveryMode::Batch, Transport::Status { status, .. }) if (200..300).contains(status) => {
+                parse_results(&body, records.len())
+            }
             _ => None,
         };
-        Reply {
-            transport: Transport::Status { status, retry_after },
-            per_record,
-        }
+        Reply { transport, per_record }
     }
 
     /// Readiness gate: polls `url` (`app.health_url`, on the same transport as `app.url`)
@@ -238,10 +224,10 @@ impl AppClient {
             let status = match &endpoint {
                 Ok(endpoint) => {
                     let request = self.http.request(Method::GET, endpoint, HeaderMap::new(), Bytes::new());
-                    match self.http.exchange(request).await {
-                        Exchange::Answered { status, .. } => Ok(status),
-                        Exchange::Timeout => Err("timed out".to_string()),
-                        Exchange::Unreachable(e) | Exchange::Failed(e) => Err(e),
+                    match self.http.exchange(request).await.0 {
+                        Transport::Status { status, .. } => Ok(status),
+                        Transport::Timeout => Err("timed out".to_string()),
+                        Transport::Unreachable(e) | Transport::Failed(e) => Err(e),
                     }
                 }
                 Err(e) => Err(e.clone()),
@@ -388,15 +374,6 @@ impl AppClient {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let body = envelope::batch_body(records, attempt);
         self.http.request(Method::POST, &self.endpoint, h, body.into())
-    }
-}
-
-impl Reply {
-    fn transport(transport: Transport) -> Self {
-        Self {
-            transport,
-            per_record: None,
-        }
     }
 }
 

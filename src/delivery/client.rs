@@ -28,6 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::AppTarget;
+use crate::retry::{parse_retry_after, Transport};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,23 +36,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// larger body is the app's mistake and must not cost the sidecar memory. The status of
 /// such an answer still counts (the connection is then closed, not reused).
 pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
-
-/// What an exchange with the app produced.
-pub enum Exchange {
-    /// The app answered: status, `Retry-After`, and the body (empty if it was over
-    /// [`MAX_RESPONSE_BYTES`]).
-    Answered {
-        status: u16,
-        retry_after: Option<HeaderValue>,
-        body: Bytes,
-    },
-    /// No connection could be made: the app is down or not listening yet.
-    Unreachable(String),
-    /// No whole answer within `app.timeout`.
-    Timeout,
-    /// The connection failed during the exchange.
-    Failed(String),
-}
 
 /// Where requests go: the request URI (userinfo removed) and the Basic auth it carried.
 #[derive(Debug, Clone)]
@@ -175,23 +159,29 @@ impl Http {
         request
     }
 
-    /// Sends `request` and reads the answer, all within `app.timeout`.
-    pub async fn exchange(&self, request: Request<Full<Bytes>>) -> Exchange {
+    /// Sends `request` and reads the answer, all within `app.timeout`: what the transport saw,
+    /// and the answer's body (empty without an answer, or when it was over
+    /// [`MAX_RESPONSE_BYTES`]).
+    pub async fn exchange(&self, request: Request<Full<Bytes>>) -> (Transport, Bytes) {
         match tokio::time::timeout(self.timeout, self.exchange_untimed(request)).await {
             Ok(exchange) => exchange,
-            Err(_) => Exchange::Timeout,
+            Err(_) => (Transport::Timeout, Bytes::new()),
         }
     }
 
-    async fn exchange_untimed(&self, request: Request<Full<Bytes>>) -> Exchange {
+    async fn exchange_untimed(&self, request: Request<Full<Bytes>>) -> (Transport, Bytes) {
         let response = match self.client.request(request).await {
             Ok(r) => r,
-            Err(e) if e.is_connect() => return Exchange::Unreachable(error_chain(&e)),
-            Err(e) => return Exchange::Failed(error_chain(&e)),
+            Err(e) if e.is_connect() => return (Transport::Unreachable(error_chain(&e)), Bytes::new()),
+            Err(e) => return (Transport::Failed(error_chain(&e)), Bytes::new()),
         };
         let (parts, body) = response.into_parts();
         let status = parts.status.as_u16();
-        let retry_after = parts.headers.get(http::header::RETRY_AFTER).cloned();
+        let retry_after = parts
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
         // Read to the end so the connection goes back to the pool.
         let body = match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -203,13 +193,9 @@ impl Http {
                 );
                 Bytes::new()
             }
-            Err(e) => return Exchange::Failed(error_chain(e.as_ref())),
+            Err(e) => return (Transport::Failed(error_chain(e.as_ref())), Bytes::new()),
         };
-        Exchange::Answered {
-            status,
-            retry_after,
-            body,
-        }
+        (Transport::Status { status, retry_after }, body)
     }
 }
 
@@ -370,7 +356,7 @@ mod tests {
         (url, head_rx)
     }
 
-    async fn get(http: &Http, url: &str) -> Exchange {
+    async fn get(http: &Http, url: &str) -> (Transport, Bytes) {
         let endpoint = Endpoint::parse(url).unwrap();
         http.exchange(http.request(Method::GET, &endpoint, HeaderMap::new(), Bytes::new()))
             .await
@@ -383,7 +369,7 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         match get(&client(Duration::from_secs(5)), &format!("http://127.0.0.1:{port}/")).await {
-            Exchange::Unreachable(e) => assert!(e.contains("onnection refused"), "{e}"),
+            (Transport::Unreachable(e), _) => assert!(e.contains("onnection refused"), "{e}"),
             _ => panic!("expected Unreachable"),
         }
     }
@@ -398,7 +384,7 @@ mod tests {
         )
         .unwrap();
         match get(&http, "unix:///nonexistent/app.sock:/records").await {
-            Exchange::Unreachable(e) => assert!(e.contains("/nonexistent/app.sock"), "{e}"),
+            (Transport::Unreachable(e), _) => assert!(e.contains("/nonexistent/app.sock"), "{e}"),
             _ => panic!("expected Unreachable"),
         }
     }
@@ -408,13 +394,13 @@ mod tests {
         let (url, _server) = raw_server(Vec::new()).await;
         assert!(matches!(
             get(&client(Duration::from_millis(300)), &url).await,
-            Exchange::Timeout
+            (Transport::Timeout, _)
         ));
         // A head without its body is a timeout too: app.timeout covers the whole answer.
         let (url, _server) = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec()).await;
         assert!(matches!(
             get(&client(Duration::from_millis(300)), &url).await,
-            Exchange::Timeout
+            (Transport::Timeout, _)
         ));
     }
 
@@ -424,13 +410,9 @@ mod tests {
         answer.resize(answer.len() + MAX_RESPONSE_BYTES + 4096, b'x');
         let (url, _server) = raw_server(answer).await;
         match get(&client(Duration::from_secs(20)), &url).await {
-            Exchange::Answered {
-                status,
-                retry_after,
-                body,
-            } => {
+            (Transport::Status { status, retry_after }, body) => {
                 assert_eq!(status, 200);
-                assert_eq!(retry_after.unwrap(), "3");
+                assert_eq!(retry_after, Some(Duration::from_secs(3)));
                 assert!(body.is_empty(), "{} bytes kept", body.len());
             }
             _ => panic!("expected the status"),
@@ -444,7 +426,7 @@ mod tests {
                 .await;
         assert!(matches!(
             get(&client(Duration::from_secs(5)), &url).await,
-            Exchange::Answered { status: 302, .. }
+            (Transport::Status { status: 302, .. }, _)
         ));
     }
 
@@ -458,7 +440,7 @@ mod tests {
         ] {
             let (url, _server) = raw_server(garbage.clone()).await;
             match get(&client(Duration::from_secs(5)), &url).await {
-                Exchange::Failed(e) => assert!(!e.is_empty()),
+                (Transport::Failed(e), _) => assert!(!e.is_empty()),
                 _ => panic!("expected a failed exchange for {garbage:?}"),
             }
         }
@@ -471,7 +453,7 @@ mod tests {
         let http = client(Duration::from_secs(5));
         assert!(matches!(
             get(&http, &format!("{with_user}/healthz?q=1")).await,
-            Exchange::Answered { status: 204, .. }
+            (Transport::Status { status: 204, .. }, _)
         ));
         let head = server.await.unwrap().to_ascii_lowercase();
         let expected = format!("authorization: basic {}", B64.encode("us er:p@ss:w")).to_ascii_lowercase();
