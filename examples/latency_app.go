@@ -5,6 +5,11 @@
 // record; the app takes the receive time minus that stamp as the record's latency. Bodies that
 // do not start with a plausible stamp are counted as records but not as samples ("bad").
 //
+// With -stdin the app also takes records from its standard input, one value per line, with
+// the same stamp rule: `kcat -C -u -f '%s\n' | latency_app -stdin` is the floor of the latency
+// rows (producer → broker → librdkafka, no group, no HTTP) that every system's figure is
+// compared against.
+//
 //	GET  /count         "<records> <requests>"
 //	GET  /latency       "samples=N bad=B p50_us=.. p99_us=.. p999_us=.. max_us=.."
 //	POST /reset-latency forget the samples so far (the warm-up), keep counting records
@@ -13,11 +18,13 @@
 package main
 
 import (
+	"bufio"
 	"flag"
 	"fmt"
 	"io"
 	"log"
 	"net/http"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -87,7 +94,14 @@ func handle(w http.ResponseWriter, r *http.Request) {
 	var head [19]byte
 	n, _ := io.ReadFull(r.Body, head[:])
 	_, _ = io.Copy(io.Discard, r.Body)
-	if t := stamp(head[:n]); t > 0 && t <= now && now-t < int64(time.Hour) {
+	sample(head[:n], now)
+	requests.Add(1)
+	w.WriteHeader(http.StatusOK)
+}
+
+// sample counts one record that arrived at `now` with the value prefix `head`.
+func sample(head []byte, now int64) {
+	if t := stamp(head); t > 0 && t <= now && now-t < int64(time.Hour) {
 		mu.Lock()
 		if len(samples) < maxSamples {
 			samples = append(samples, now-t)
@@ -97,13 +111,38 @@ func handle(w http.ResponseWriter, r *http.Request) {
 		bad.Add(1)
 	}
 	records.Add(1)
-	requests.Add(1)
-	w.WriteHeader(http.StatusOK)
+}
+
+// readStdin samples every line of standard input (a line longer than the buffer counts once,
+// by its first bytes) until EOF.
+func readStdin() {
+	in := bufio.NewReaderSize(os.Stdin, 1<<20)
+	start := true
+	for {
+		line, err := in.ReadSlice('\n')
+		now := time.Now().UnixNano()
+		if len(line) > 0 {
+			if start {
+				sample(line, now)
+			}
+			start = line[len(line)-1] == '\n'
+		}
+		if err != nil && err != bufio.ErrBufferFull {
+			if err != io.EOF {
+				log.Printf("latency_app: stdin: %v", err)
+			}
+			return
+		}
+	}
 }
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:18090", "listen address")
+	fromStdin := flag.Bool("stdin", false, "also take records from standard input, one value per line")
 	flag.Parse()
+	if *fromStdin {
+		go readStdin()
+	}
 	log.Printf("latency_app listening on http://%s", *listen)
 	log.Fatal(http.ListenAndServe(*listen, http.HandlerFunc(handle)))
 }

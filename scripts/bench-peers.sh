@@ -119,7 +119,7 @@ field() { # field KEY LINE -> value of KEY=value in LINE
 # ---- systems --------------------------------------------------------------------------------------
 label() {
   case "$1" in
-    raw) echo "raw read limit: kcat -C, no group, no HTTP" ;;
+    raw) if [[ ${2:-} == latency ]]; then echo "floor: kcat -C, no group, no HTTP"; else echo "raw read limit: kcat -C, no group, no HTTP"; fi ;;
     sc-key) echo "kafka-sidecar single, ordering=key" ;;
     sc-unordered) echo "kafka-sidecar single, ordering=unordered" ;;
     sc-dedup) echo "kafka-sidecar single, key, dedup on (Redis)" ;;
@@ -325,10 +325,21 @@ run_latency() {
   port="$(free_port 18090)"
   lat_addr="127.0.0.1:$port"
   load="$(load1)"
-  "$TOOLS/latency_app" -listen "$lat_addr" >>"$OUT/latency_app.log" 2>&1 &
-  SINK_PID=$!
-  wait_count "http://$lat_addr/count" "" latency_app
-  start_system "$sys" "$name" "http://$lat_addr/records"
+  if [[ $sys == raw ]]; then
+    # The floor: kcat reads every partition (no group) and prints each value as it arrives.
+    local fifo="$OUT/$name.fifo"
+    rm -f "$fifo" && mkfifo "$fifo"
+    "$TOOLS/latency_app" -listen "$lat_addr" -stdin <"$fifo" >>"$OUT/latency_app.log" 2>&1 &
+    SINK_PID=$!
+    kcat -C -b "$BROKER" -t "$TOPIC" -o beginning -u -q -f '%s\n' >"$fifo" 2>"$OUT/$name.log" &
+    SYS_PID=$!
+    wait_count "http://$lat_addr/count" "" latency_app
+  else
+    "$TOOLS/latency_app" -listen "$lat_addr" >>"$OUT/latency_app.log" 2>&1 &
+    SINK_PID=$!
+    wait_count "http://$lat_addr/count" "" latency_app
+    start_system "$sys" "$name" "http://$lat_addr/records"
+  fi
   produce_paced() { # seconds
     "$TOOLS/rate_producer" -rate "$lrate" -duration "${1}s" -size 1024 2>>"$OUT/latency-produce.log" |
       kcat -P -b "$BROKER" -t "$TOPIC" -K '|' -X linger.ms=0 2>>"$OUT/latency-produce.log"
@@ -493,7 +504,7 @@ if ((LATENCY)); then
   log "latency: ${LATENCY_SECONDS} s at $lrate rec/s (1 KiB, 6 partitions) per run"
   for ((round = 1; round <= ROUNDS; round++)); do
     echo "latency round $round: $(uptime)" >>"$OUT/uptime.log"
-    for s in sc-key go; do run_latency "$s" "$round" "$lrate"; done
+    for s in raw sc-key go; do run_latency "$s" "$round" "$lrate"; done
   done
 fi
 
@@ -537,12 +548,19 @@ fi
     echo "Stamp: the Unix time in ns written into the value by examples/rate_producer.go as it hands the"
     echo "line to kcat (linger.ms=0); arrival: examples/latency_app.go. Medians over $ROUNDS round(s) of ${LATENCY_SECONDS} s after a 3 s warm-up."
     echo
-    echo "| system | p50 (ms) | p99 (ms) | p99.9 (ms) | samples per run |"
-    echo "|---|---|---|---|---|"
-    for s in sc-key go; do
-      lat_col() { printf '%s\n' "${LAT_ROWS[@]}" | awk -F'\t' -v s="$s" -v c="$1" '$1 == s && $8 == "ok" { print $c }' | median; }
-      ms() { awk -v x="$1" 'BEGIN { if (x == "-") print "-"; else printf "%.2f", x / 1000 }'; }
-      echo "| $(label "$s") | $(ms "$(lat_col 3)") | $(ms "$(lat_col 4)") | $(ms "$(lat_col 5)") | $(lat_col 6) |"
+    echo "The raw row is the floor (kcat -C into latency_app -stdin: producer, broker and librdkafka,"
+    echo "no group, no HTTP); *added* is a system's median minus the raw median, per percentile."
+    echo
+    echo "| system | p50 (ms) | p99 (ms) | p99.9 (ms) | added p50 (ms) | added p99 (ms) | samples per run |"
+    echo "|---|---|---|---|---|---|---|"
+    lat_col() { printf '%s\n' "${LAT_ROWS[@]}" | awk -F'\t' -v s="$1" -v c="$2" '$1 == s && $8 == "ok" { print $c }' | median; }
+    ms() { awk -v x="$1" 'BEGIN { if (x == "-") print "-"; else printf "%.2f", x / 1000 }'; }
+    added() { awk -v x="$1" -v r="$2" 'BEGIN { if (x == "-" || r == "-") print "-"; else printf "%+.2f", (x - r) / 1000 }'; }
+    for s in raw sc-key go; do
+      p50="$(lat_col "$s" 3)" p99="$(lat_col "$s" 4)"
+      a50="-" a99="-"
+      [[ $s == raw ]] || { a50="$(added "$p50" "$(lat_col raw 3)")" a99="$(added "$p99" "$(lat_col raw 4)")"; }
+      echo "| $(label "$s" latency) | $(ms "$p50") | $(ms "$p99") | $(ms "$(lat_col "$s" 5)") | $a50 | $a99 | $(lat_col "$s" 6) |"
     done
   fi
   echo

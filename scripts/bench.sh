@@ -19,8 +19,10 @@
 # rate under wrk (the single-mode ceiling); end-to-end latency p50/p99/p99.9 at a fixed rate (half
 # the lower single-mode maximum of kafka-sidecar and the Go consumer; examples/rate_producer.go
 # stamps the send time into each value, piped into kcat; examples/latency_app.go measures the
-# arrival) for kafka-sidecar and the Go consumer; when `kafka-sidecar check-config` accepts
-# app.url = "unix://PATH:/records", kafka-sidecar into examples/bench_app.go over a Unix socket vs TCP.
+# arrival) for kafka-sidecar and the Go consumer, against the floor of kcat -C reading the same
+# topic into latency_app -stdin (no group, no HTTP: their "added" latency); when
+# `kafka-sidecar check-config` accepts app.url = "unix://PATH:/records", kafka-sidecar into
+# examples/bench_app.go over a Unix socket vs TCP.
 # Every row carries its ratio to the Go consumer in the same mode (single/batch). The report goes
 # to ~/.cache/kafka-sidecar/bench/peers-<run>/report.md (each run: runs.tsv) and is printed; it
 # fails (exit 1, with the reasons) if any run does not deliver every record, exits non-zero on
