@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::Extractor;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer};
 use opentelemetry::{global, Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -195,25 +195,13 @@ impl DeliverySpan {
         &self.cx
     }
 
-    /// The trace id, for log lines (empty when there is no trace).
-    pub fn trace_id(&self) -> String {
-        let sc = self.cx.span().span_context().clone();
-        if sc.is_valid() {
-            sc.trace_id().to_string()
-        } else {
-            String::new()
-        }
-    }
-
-    /// The id of the span the delivery runs in, for log lines: this delivery span when spans
-    /// are exported, else the record's own parent span (empty when there is no trace).
-    pub fn span_id(&self) -> String {
-        let sc = self.cx.span().span_context().clone();
-        if sc.is_valid() {
-            sc.span_id().to_string()
-        } else {
-            String::new()
-        }
+    /// The trace id and the id of the span the delivery runs in, for log lines: this delivery
+    /// span when spans are exported, else the record's own parent span; `None` when there is
+    /// no trace (no empty fields are logged, and nothing is formatted into a String).
+    pub fn log_ids(&self) -> Option<(TraceId, SpanId)> {
+        let span = self.cx.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
     }
 
     /// The record failed with error class `class` (`http_422`, `retries_exhausted`, ...):
@@ -350,7 +338,14 @@ mod tests {
         global::set_text_map_propagator(TraceContextPropagator::new());
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let span = DeliverySpan::start(&record(vec![("traceparent".into(), Some(Bytes::from(tp)))]), "g");
-        assert_eq!(span.span_id(), "b7ad6b7169203331");
+        let (trace, span_id) = span.log_ids().expect("the record's trace");
+        assert_eq!(
+            (trace.to_string(), span_id.to_string()),
+            (
+                "0af7651916cd43dd8448eb211c80319c".to_string(),
+                "b7ad6b7169203331".to_string()
+            )
+        );
         let dlq = span.dead_letter("dlq");
         assert!(dlq.headers().is_none(), "no DLQ span is built without export");
         dlq.end(Ok((0, 1)));
@@ -366,11 +361,7 @@ mod tests {
                 &record(vec![("traceparent".into(), Some(Bytes::copy_from_slice(bad)))]),
                 "g",
             );
-            assert_eq!(
-                (span.trace_id(), span.span_id()),
-                (String::new(), String::new()),
-                "{bad:?}"
-            );
+            assert_eq!(span.log_ids(), None, "{bad:?}");
             assert!(span.headers().is_empty());
         }
     }
@@ -381,11 +372,10 @@ mod tests {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let span = DeliverySpan::start(&record(vec![("traceparent".into(), Some(Bytes::from(tp)))]), "g");
         assert_eq!(span.headers().get("traceparent").map(String::as_str), Some(tp));
-        assert_eq!(span.trace_id(), "0af7651916cd43dd8448eb211c80319c");
         span.end("delivered", 1, None);
 
         let span = DeliverySpan::start(&record(Vec::new()), "g");
         assert!(span.headers().is_empty(), "no trace, nothing to pass on");
-        assert_eq!(span.trace_id(), "");
+        assert_eq!(span.log_ids(), None);
     }
 }

@@ -127,16 +127,26 @@ impl Worker {
         let mut open: Vec<Open<'_>> = job.iter().map(|record| self.open(record)).collect();
         // Log lines of this job carry the (first) record's coordinates, trace id and delivery span
         // id (`trace_id`/`span_id`, top-level fields of JSON lines: see `logging`).
+        // Without a trace the span has no id fields (nothing formatted per job for them).
         let first = &job[0];
-        let log_span = tracing::info_span!(
-            "delivery",
-            topic = %first.topic,
-            partition = first.partition,
-            offset = first.offset,
-            records = job.len(),
-            trace_id = %open[0].span.trace_id(),
-            span_id = %open[0].span.span_id(),
-        );
+        let log_span = match open[0].span.log_ids() {
+            Some((trace_id, span_id)) => tracing::info_span!(
+                "delivery",
+                topic = %first.topic,
+                partition = first.partition,
+                offset = first.offset,
+                records = job.len(),
+                trace_id = %trace_id,
+                span_id = %span_id,
+            ),
+            None => tracing::info_span!(
+                "delivery",
+                topic = %first.topic,
+                partition = first.partition,
+                offset = first.offset,
+                records = job.len(),
+            ),
+        };
         if self.run_inner(&mut open).instrument(log_span).await.is_err() {
             for o in open {
                 o.span.end("abandoned", 0, Some("shutdown grace period over"));

@@ -335,7 +335,10 @@ impl Worker {
         let record = o.record;
         // Lines logged here carry this record's trace and delivery span (in a batch, the
         // job's span names only the first record's).
-        let log_span = tracing::info_span!("record", trace_id = %o.span.trace_id(), span_id = %o.span.span_id());
+        let log_span = match o.span.log_ids() {
+            Some((trace_id, span_id)) => tracing::info_span!("record", trace_id = %trace_id, span_id = %span_id),
+            None => tracing::Span::none(),
+        };
         let entered = log_span.enter();
         let attempts = o.prior_attempts().saturating_add(attempts);
         tracing::warn!(
