@@ -52,16 +52,24 @@ struct Lane {
     busy: bool,
 }
 
-/// A finished job, reported back by its task.
+/// A finished job, reported back by its worker slot.
 struct Done {
     lanes: Vec<LaneKey>,
     records: usize,
     bytes: usize,
+    /// The slot that ran it, idle again.
+    slot: usize,
+}
+
+/// A job on its way to a worker slot, with the guard that reports its end.
+struct Job {
+    records: Vec<Record>,
+    _guard: DoneGuard,
 }
 
 /// Reports its job's end to the scheduler when dropped: when the job returns, and also when
-/// its task unwinds or is cancelled, so a job can never keep its lanes, its worker slot or
-/// its in-flight count.
+/// its task unwinds or is cancelled or the job is dropped unrun, so a job can never keep its
+/// lanes, its worker slot or its in-flight count.
 struct DoneGuard {
     done: Option<Done>,
     tx: mpsc::UnboundedSender<Done>,
@@ -100,6 +108,12 @@ pub struct Scheduler<R> {
     ready_since: Option<Instant>,
     running: usize,
     next_solo: u64,
+    /// Worker slots: one long-lived task each, started as needed up to `workers`, taking one
+    /// job at a time from its channel (a task spawned per job cost ~8 % of single mode's
+    /// CPU: the job future's allocation, moves and task-list bookkeeping). `idle` holds the
+    /// indices of the slots without a job.
+    slots: Vec<mpsc::Sender<Job>>,
+    idle: Vec<usize>,
     tasks: TaskTracker,
 }
 
@@ -116,6 +130,8 @@ impl<R: JobRunner> Scheduler<R> {
             ready_since: None,
             running: 0,
             next_solo: 0,
+            slots: Vec::new(),
+            idle: Vec::new(),
             tasks: TaskTracker::new(),
         }
     }
@@ -146,6 +162,8 @@ impl<R: JobRunner> Scheduler<R> {
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {}
             }
         }
+        // Every slot is idle: closing their channels ends their tasks.
+        self.slots.clear();
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -185,6 +203,7 @@ impl<R: JobRunner> Scheduler<R> {
 
     fn on_done(&mut self, done: Done) {
         self.running -= 1;
+        self.idle.push(done.slot);
         self.in_flight.release(done.records, done.bytes);
         for key in done.lanes {
             let Some(lane) = self.lanes.get_mut(&key) else {
@@ -305,21 +324,54 @@ impl<R: JobRunner> Scheduler<R> {
         (!job.is_empty()).then_some((job, lanes))
     }
 
+    /// Hands a job to an idle worker slot (a new one while there are fewer than `workers`).
     fn spawn(&mut self, job: Vec<Record>, lanes: Vec<LaneKey>, done: mpsc::UnboundedSender<Done>) {
         self.running += 1;
-        let worker = self.worker.clone();
+        let idle = self.idle.pop();
+        let slot = idle.unwrap_or(self.slots.len());
         let guard = DoneGuard {
             done: Some(Done {
                 lanes,
                 records: job.len(),
                 bytes: job.iter().map(Record::size).sum(),
+                slot,
             }),
             tx: done,
         };
+        let job = Job {
+            records: job,
+            _guard: guard,
+        };
+        if idle.is_none() {
+            let tx = self.slot_task(job);
+            self.slots.push(tx);
+            return;
+        }
+        // An idle slot's channel (capacity 1) is empty, and closed only if the slot's task
+        // ended, which it does not while the scheduler runs (a panic is caught in run_job);
+        // should it have, the slot gets a fresh task that starts with this job.
+        if let Err(mpsc::error::TrySendError::Closed(job) | mpsc::error::TrySendError::Full(job)) =
+            self.slots[slot].try_send(job)
+        {
+            self.slots[slot] = self.slot_task(job);
+        }
+    }
+
+    /// Starts a worker slot's task with its first job: it runs the jobs it is given, one at a
+    /// time, until its channel closes. Each job's guard is dropped (its end reported, the slot
+    /// idle again) before the next one is awaited.
+    fn slot_task(&self, first: Job) -> mpsc::Sender<Job> {
+        let (tx, mut rx) = mpsc::channel::<Job>(1);
+        let worker = self.worker.clone();
         self.tasks.spawn(async move {
-            let _guard = guard;
-            run_job(&*worker, &job).await;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                run_job(&*worker, &job.records).await;
+                drop(job);
+                next = rx.recv().await;
+            }
         });
+        tx
     }
 }
 
@@ -532,6 +584,37 @@ mod tests {
                 .expect("the scheduler did not panic");
             self.in_flight
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn worker_slots_are_reused_and_a_slot_whose_task_ended_gets_a_fresh_one_with_the_job() {
+        let fake = Arc::new(Fake::default());
+        let mut sched = Scheduler::new(
+            settings(Ordering::Unordered, DeliveryMode::Single, 2),
+            fake.clone(),
+            Arc::new(InFlight::default()),
+        );
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        for offset in 0..5 {
+            sched.spawn(vec![record(0, offset)], Vec::new(), done_tx.clone());
+            let done = done_rx.recv().await.expect("the job's end is reported");
+            sched.on_done(done);
+        }
+        assert_eq!(sched.slots.len(), 1, "one job at a time needs one slot");
+        // The slot's task is gone (its channel closed): the next job still runs.
+        let (closed, _) = mpsc::channel::<Job>(1);
+        sched.slots[0] = closed;
+        sched.spawn(vec![record(0, 5)], Vec::new(), done_tx.clone());
+        let done = tokio::time::timeout(Duration::from_secs(3600), done_rx.recv())
+            .await
+            .expect("the job ran on a fresh task")
+            .expect("its end is reported");
+        assert_eq!((done.slot, done.records), (0, 1));
+        sched.on_done(done);
+        assert_eq!(sched.slots.len(), 1);
+        let ended: Vec<Vec<Id>> = fake.ended.lock().unwrap().iter().map(|(ids, _)| ids.clone()).collect();
+        assert_eq!(ended, (0..6).map(|o| vec![(0, o)]).collect::<Vec<_>>());
+        assert_eq!(sched.running, 0);
     }
 
     #[tokio::test(start_paused = true)]
