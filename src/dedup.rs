@@ -23,12 +23,16 @@
 //! `SET` per key, release (compare-and-delete) one script call per [`KEYS_PER_SCRIPT`] keys.
 //! In cluster mode the batch is split by hash slot (a pipeline or a script's keys must
 //! share one) and the per-slot calls are sent concurrently, so the batch still costs one
-//! round trip of latency. Redis errors never panic: they come
-//! back as [`DedupError`] ("redis unavailable: ..."), within `timeout`, and the connections
+//! round trip of latency. Concurrent callers' `SET NX` claims and done marks share a pipeline
+//! ([`combine`]): one such call is in flight at a time, and the calls that arrive meanwhile
+//! go together as soon as it is answered. Redis errors never panic: they come
+//! back as [`DedupError`] ("redis unavailable: ..."), within `timeout` of the call that
+//! carries them (a caller queued behind a call in flight waits for that one first), and the connections
 //! reconnect on their own (a dropped connection is retried once on a fresh one inside the
 //! same operation). Callers time the operations themselves for latency metrics: each one is
 //! a single awaited call.
 
+mod combine;
 mod gate;
 mod key;
 mod memory;
@@ -46,6 +50,7 @@ use redis::cluster_routing::Slot;
 use redis::{ErrorKind, Pipeline, RedisError, RedisResult, Script, ServerErrorKind, Value};
 use tokio::time::Instant;
 
+use self::combine::Combiner;
 pub use self::gate::{Decision, Gate};
 pub use self::key::{derive_key, idempotency_key, DerivedKey};
 use self::memory::MemoryStore;
@@ -59,6 +64,9 @@ const DONE: &str = "done";
 /// Keys per script call. A script runs atomically, blocking every other client of the
 /// server while it does: 500 keys take well under a millisecond.
 const KEYS_PER_SCRIPT: usize = 500;
+
+/// Most keys in one combined `SET NX` or done pipeline (see [`combine`]).
+const COMBINED_KEYS: usize = 1000;
 
 /// Claim each of KEYS for owner ARGV[1] with a PX ARGV[2] lease ('done' is ARGV[3]), one
 /// reply per key: absent → taken → 1; done → 0; already ours → lease refreshed → 1; another
@@ -145,6 +153,9 @@ pub struct Dedup {
     timeout: Duration,
     /// The store's address with passwords redacted, for logs.
     target: String,
+    /// Concurrent `SET NX` claims and done marks, each combined into one pipeline.
+    claims: Combiner,
+    dones: Combiner,
 }
 
 enum Store {
@@ -255,6 +266,8 @@ impl Dedup {
             done_ttl: cfg.done_ttl,
             timeout: cfg.timeout,
             target,
+            claims: Combiner::new(COMBINED_KEYS),
+            dones: Combiner::new(COMBINED_KEYS),
         };
         tracing::info!(
             store = %dedup.target,
@@ -405,11 +418,27 @@ impl Dedup {
         }
     }
 
-    /// Runs `op` on `keys` in Redis, one reply per key, in order.
+    /// Runs `op` on `keys` in Redis, one reply per key, in order. Plain claims and done marks
+    /// of concurrent callers (single mode's workers) share a pipeline: see [`combine`].
     async fn remote_batch(&self, remote: &Remote, op: Op, keys: &[&str]) -> Result<Vec<Value>, DedupError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let combiner = match op {
+            Op::ClaimNew => &self.claims,
+            Op::Done => &self.dones,
+            Op::Claim | Op::Release => return self.send_batch(remote, op, keys).await,
+        };
+        combiner
+            .call(keys, |all| async move {
+                let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                self.send_batch(remote, op, &all).await
+            })
+            .await
+    }
+
+    /// Sends `op` on `keys` to Redis now, one reply per key, in order.
+    async fn send_batch(&self, remote: &Remote, op: Op, keys: &[&str]) -> Result<Vec<Value>, DedupError> {
         match remote {
             Remote::Redis(conn) => {
                 let pipe = self.pipeline(op, keys);
