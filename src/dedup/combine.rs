@@ -98,30 +98,27 @@ impl Combiner {
     }
 
     /// Sends one call for `keys` and the `others`' keys, answers the others, passes the lead.
-    async fn lead<F, Fut>(&self, keys: &[&str], others: Vec<Waiter>, send: &F) -> Reply
+    async fn lead<F, Fut>(&self, keys: &[&str], mut others: Vec<Waiter>, send: &F) -> Reply
     where
         F: Fn(Vec<String>) -> Fut,
         Fut: Future<Output = Reply>,
     {
         // Passes the lead on when dropped: after the answers, or if this future is dropped.
         let _lead = Lead(self);
-        let mut all: Vec<String> = Vec::with_capacity(keys.len() + others.iter().map(|w| w.keys.len()).sum::<usize>());
+        let counts: Vec<usize> = others.iter().map(|w| w.keys.len()).collect();
+        let mut all: Vec<String> = Vec::with_capacity(keys.len() + counts.iter().sum::<usize>());
         all.extend(keys.iter().map(|k| k.to_string()));
-        for w in &others {
-            all.extend(w.keys.iter().cloned());
+        for w in &mut others {
+            all.append(&mut w.keys);
         }
         let total = all.len();
-        let reply = send(all).await;
-        let mut replies = match reply {
+        let mut replies = match send(all).await {
             Ok(replies) if replies.len() == total => replies,
-            Ok(replies) => {
-                let e = DedupError::UnexpectedReply(format!("{} replies for {total} keys", replies.len()));
-                for w in others {
-                    let _ = w.tx.send(Message::Replies(Err(e.clone())));
-                }
-                return Err(e);
-            }
-            Err(e) => {
+            reply => {
+                let e = match reply {
+                    Ok(replies) => DedupError::UnexpectedReply(format!("{} replies for {total} keys", replies.len())),
+                    Err(e) => e,
+                };
                 for w in others {
                     let _ = w.tx.send(Message::Replies(Err(e.clone())));
                 }
@@ -129,8 +126,8 @@ impl Combiner {
             }
         };
         // Split from the back: the others' replies follow ours, in queue order.
-        for w in others.into_iter().rev() {
-            let theirs = replies.split_off(replies.len() - w.keys.len());
+        for (w, n) in others.into_iter().zip(counts).rev() {
+            let theirs = replies.split_off(replies.len() - n);
             let _ = w.tx.send(Message::Replies(Ok(theirs)));
         }
         Ok(replies)
@@ -258,6 +255,16 @@ mod tests {
         c.call(keys, |all| fake.send(all)).await
     }
 
+    /// A combiner of `max_keys` over a fake store whose calls wait for the returned gate's permits.
+    fn gated(max_keys: usize) -> (Arc<Semaphore>, Arc<Combiner>, Arc<Fake>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let fake = Fake {
+            gate: Some(gate.clone()),
+            ..Fake::default()
+        };
+        (gate, Arc::new(Combiner::new(max_keys)), Arc::new(fake))
+    }
+
     /// Yields until the spawned tasks have run as far as they can.
     async fn settle() {
         for _ in 0..50 {
@@ -278,12 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_that_arrive_while_one_is_in_flight_share_the_next_call_and_get_their_own_replies() {
-        let gate = Arc::new(Semaphore::new(0));
-        let c = Arc::new(Combiner::new(100));
-        let fake = Arc::new(Fake {
-            gate: Some(gate.clone()),
-            ..Fake::default()
-        });
+        let (gate, c, fake) = gated(100);
         let mut tasks = Vec::new();
         for keys in [vec!["first"], vec!["x1", "x2"], vec!["y"], vec!["z1", "z2", "z3"]] {
             let (c, fake) = (c.clone(), fake.clone());
@@ -309,12 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_combined_call_holds_at_most_max_keys_and_the_rest_goes_next() {
-        let gate = Arc::new(Semaphore::new(0));
-        let c = Arc::new(Combiner::new(3));
-        let fake = Arc::new(Fake {
-            gate: Some(gate.clone()),
-            ..Fake::default()
-        });
+        let (gate, c, fake) = gated(3);
         let mut tasks = Vec::new();
         for keys in [
             vec!["0"],
@@ -372,12 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_leader_dropped_mid_call_strands_no_one() {
-        let gate = Arc::new(Semaphore::new(0));
-        let c = Arc::new(Combiner::new(100));
-        let fake = Arc::new(Fake {
-            gate: Some(gate.clone()),
-            ..Fake::default()
-        });
+        let (gate, c, fake) = gated(100);
         let spawn = |keys: Vec<&'static str>| {
             let (c, fake) = (c.clone(), fake.clone());
             tokio::spawn(async move { strings(&call(&c, &fake, &keys).await.unwrap()) == keys })
@@ -411,12 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_caller_cancelled_while_it_waits_for_the_lead_strands_no_one() {
-        let gate = Arc::new(Semaphore::new(0));
-        let c = Arc::new(Combiner::new(100));
-        let fake = Arc::new(Fake {
-            gate: Some(gate.clone()),
-            ..Fake::default()
-        });
+        let (gate, c, fake) = gated(100);
         let spawn = |keys: Vec<&'static str>| {
             let (c, fake) = (c.clone(), fake.clone());
             tokio::spawn(async move { strings(&call(&c, &fake, &keys).await.unwrap()) == keys })
