@@ -639,8 +639,10 @@ async fn chaos_sigterm_at_peak_throughput_exits_zero_and_duplicates_nothing() {
     cfg.workers = 16;
     let dlq = dlq_section(&mut cfg);
     create_topic(&dlq, 1).await;
-    // A backlog, so the sidecar runs flat out, and records keep coming while it does.
-    const BACKLOG: usize = 15_000;
+    // A backlog, so the sidecar runs flat out, and records keep coming while it does. Large
+    // enough that the SIGTERM (at most ~0.3 s after the first 1,000) lands inside it at the
+    // single-mode rate of a quiet machine (~40k records/s with 64 workers; 16 here).
+    const BACKLOG: usize = 60_000;
     produce(
         &topic,
         (0..BACKLOG)

@@ -382,14 +382,21 @@ pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
     end_offsets_on(&brokers(), topic, partitions)
 }
 
-/// [`end_offsets`] on another cluster.
+/// [`end_offsets`] on another cluster. Retries for up to 30 s: right after a broker restart
+/// its metadata may not list the partition yet ("Unknown partition").
 pub fn end_offsets_on(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
     let c = consumer_on(brokers, "watermarks");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     (0..partitions)
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
+        .map(|p| loop {
+            match c.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                Ok((_, high)) => break high,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("watermarks of {topic}/{p}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("watermarks of {topic}/{p}: {e}"),
+            }
         })
         .collect()
 }
