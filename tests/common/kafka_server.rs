@@ -90,6 +90,13 @@ impl TestKafka {
         );
     }
 
+    /// Whether a Kafka broker answers a metadata request on this broker's port (a plain TCP
+    /// connect is no proof: once the broker is gone another test may bind the freed port, or a
+    /// connect to it may meet itself).
+    pub fn answers(&self) -> bool {
+        answers_metadata(&self.bootstrap())
+    }
+
     /// Whether the broker process is running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
