@@ -1,9 +1,10 @@
 //! All metrics, registered once, named `kafka_sidecar_<what>_<unit>[_total]`.
 //! Labels are bounded: topic, partition, outcome, result — never keys or offsets.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::TraceContextExt;
@@ -61,9 +62,10 @@ pub const OUTCOMES: [&str; 7] = [
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub topic: String,
+    /// The record's own topic name (shared, not copied: this is looked up twice per record).
+    pub topic: Arc<str>,
     /// consumed, delivered, retried, dead_lettered, deduplicated, headers_too_large.
-    pub outcome: String,
+    pub outcome: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -370,17 +372,17 @@ impl Metrics {
         out
     }
 
-    pub fn record_outcome(&self, record: &Record, outcome: &str) {
+    pub fn record_outcome(&self, record: &Record, outcome: impl Into<Cow<'static, str>>) {
         self.records
             .get_or_create(&OutcomeLabels {
-                topic: record.topic.to_string(),
-                outcome: outcome.to_string(),
+                topic: record.topic.clone(),
+                outcome: outcome.into(),
             })
             .inc();
     }
 
     /// A record is finished (delivered or dead-lettered); `exemplar`: see [`trace_exemplar`].
-    pub fn record_finished(&self, record: &Record, outcome: &str, exemplar: Option<TraceLabels>) {
+    pub fn record_finished(&self, record: &Record, outcome: &'static str, exemplar: Option<TraceLabels>) {
         self.record_outcome(record, outcome);
         if let Some(ts) = record.timestamp_ms {
             let now = SystemTime::now();
@@ -484,8 +486,8 @@ impl Metrics {
         for topic in fresh {
             for outcome in OUTCOMES {
                 drop(self.records.get_or_create(&OutcomeLabels {
-                    topic: topic.to_string(),
-                    outcome: outcome.to_string(),
+                    topic: topic.into(),
+                    outcome: Cow::Borrowed(outcome),
                 }));
             }
         }

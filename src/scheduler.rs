@@ -19,11 +19,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -37,10 +37,15 @@ use crate::record::Record;
 /// Wait before running a job again when the runner's panic handling panicked too.
 const PANIC_FALLBACK_DELAY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A lane's identity: a 64-bit digest of (topic, partition) or (topic, partition, key) under a
+/// per-process seed, or a keyless record's own number. Copied and compared as two words, where
+/// the key bytes themselves cost a clone, a hash of the topic and key and a compare per lookup
+/// (five lookups per record). Two keys whose digests collide share one lane: their records then
+/// run one after another in read order, which keeps every ordering promise and costs only
+/// parallelism, for pairs about 2^-64 rare (the seed is unknown outside the process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum LaneKey {
-    Partition(Arc<str>, i32),
-    Key(Arc<str>, i32, Bytes),
+    Digest(u64),
     Solo(u64),
 }
 
@@ -96,9 +101,11 @@ pub struct Scheduler<R> {
     settings: Settings,
     worker: Arc<R>,
     in_flight: Arc<InFlight>,
-    /// Lanes by key: hashed with foldhash (seeded per process, like std's RandomState, but a
-    /// fraction of SipHash's cost: each record's key is hashed several times here).
+    /// Lanes by key (foldhash: a fraction of SipHash's cost for a key looked up several
+    /// times per record).
     lanes: HashMap<LaneKey, Lane, foldhash::fast::RandomState>,
+    /// Seeded per process (like std's RandomState): makes the lane digests of record keys.
+    digest: foldhash::quality::RandomState,
     /// Lanes that are not busy and have queued records (may hold stale keys; checked on pop).
     ready: VecDeque<LaneKey>,
     /// Records (and their bytes) in ready lanes, and since when some have been waiting
@@ -123,6 +130,7 @@ impl<R: JobRunner> Scheduler<R> {
             worker,
             in_flight,
             lanes: HashMap::default(),
+            digest: foldhash::quality::RandomState::default(),
             ready: VecDeque::new(),
             ready_records: 0,
             ready_bytes: 0,
@@ -168,8 +176,8 @@ impl<R: JobRunner> Scheduler<R> {
 
     fn lane_key(&mut self, r: &Record) -> LaneKey {
         match (self.settings.ordering, &r.key) {
-            (Ordering::Partition, _) => LaneKey::Partition(r.topic.clone(), r.partition),
-            (Ordering::Key, Some(key)) => LaneKey::Key(r.topic.clone(), r.partition, key.clone()),
+            (Ordering::Partition, _) => LaneKey::Digest(self.digest.hash_one((&*r.topic, r.partition))),
+            (Ordering::Key, Some(key)) => LaneKey::Digest(self.digest.hash_one((&*r.topic, r.partition, &key[..]))),
             (Ordering::Key, None) | (Ordering::Unordered, _) => {
                 self.next_solo += 1;
                 LaneKey::Solo(self.next_solo)
@@ -179,7 +187,7 @@ impl<R: JobRunner> Scheduler<R> {
 
     fn on_record(&mut self, r: Record) {
         let key = self.lane_key(&r);
-        let lane = self.lanes.entry(key.clone()).or_default();
+        let lane = self.lanes.entry(key).or_default();
         let size = r.size();
         lane.queue.push_back(r);
         lane.bytes += size;
@@ -438,6 +446,8 @@ mod tests {
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::sync::Mutex;
+
+    use bytes::Bytes;
 
     use super::*;
 

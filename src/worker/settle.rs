@@ -300,7 +300,7 @@ impl Worker {
         let mut held = false;
         for mut o in sending {
             if !o.exhausted_logged {
-                self.metrics.record_outcome(o.record, &error.class);
+                self.metrics.record_outcome(o.record, error.class.clone());
             }
             match &self.dlq {
                 Some(dlq) => settled.push(self.dead_letter(dlq, o, attempts, &error).await?),
