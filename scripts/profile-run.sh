@@ -46,7 +46,7 @@ redis_url = "redis://127.0.0.1:6379/"
 listen = "127.0.0.1:$APORT"
 T
   if [[ ${PERF:-0} == 1 ]]; then
-    perf record -F 499 -g --call-graph dwarf,16384 -o $D/perf.data $BIN run --config $D/c.toml >$D/p.log 2>&1 &
+    perf record -F ${PERF_FREQ:-499} -g --call-graph dwarf,16384 -o $D/perf.data $BIN run --config $D/c.toml >$D/p.log 2>&1 &
   else
     env ${PRELOAD:+LD_PRELOAD=$PRELOAD} ${WRAP:-} $BIN run --config $D/c.toml >$D/p.log 2>&1 &
   fi
