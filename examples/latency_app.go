@@ -6,9 +6,10 @@
 // do not start with a plausible stamp are counted as records but not as samples ("bad").
 //
 // With -stdin the app also takes records from its standard input, one value per line, with
-// the same stamp rule: `kcat -C -u -f '%s\n' | latency_app -stdin` is the floor of the latency
-// rows (producer → broker → librdkafka, no group, no HTTP) that every system's figure is
-// compared against.
+// the same stamp rule: `latency_floor BROKERS TOPIC PARTITIONS | latency_app -stdin`
+// (examples/latency_floor.rs, a plain librdkafka consumer) is the floor of the latency rows
+// (producer → broker → librdkafka, no group, no HTTP) that every system's figure is compared
+// against.
 //
 //	GET  /count         "<records> <requests>"
 //	GET  /latency       "samples=N bad=B p50_us=.. p99_us=.. p999_us=.. max_us=.."

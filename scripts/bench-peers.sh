@@ -119,7 +119,7 @@ field() { # field KEY LINE -> value of KEY=value in LINE
 # ---- systems --------------------------------------------------------------------------------------
 label() {
   case "$1" in
-    raw) if [[ ${2:-} == latency ]]; then echo "floor: kcat -C, no group, no HTTP"; else echo "raw read limit: kcat -C, no group, no HTTP"; fi ;;
+    raw) if [[ ${2:-} == latency ]]; then echo "floor: librdkafka consumer, no group, no HTTP"; else echo "raw read limit: kcat -C, no group, no HTTP"; fi ;;
     sc-key) echo "kafka-sidecar single, ordering=key" ;;
     sc-unordered) echo "kafka-sidecar single, ordering=unordered" ;;
     sc-dedup) echo "kafka-sidecar single, key, dedup on (Redis)" ;;
@@ -326,12 +326,13 @@ run_latency() {
   lat_addr="127.0.0.1:$port"
   load="$(load1)"
   if [[ $sys == raw ]]; then
-    # The floor: kcat reads every partition (no group) and prints each value as it arrives.
+    # The floor: a plain librdkafka consumer with the sidecar's fetch settings reads every
+    # partition (no group) and prints each value as it arrives (examples/latency_floor.rs).
     local fifo="$OUT/$name.fifo"
     rm -f "$fifo" && mkfifo "$fifo"
     "$TOOLS/latency_app" -listen "$lat_addr" -stdin <"$fifo" >>"$OUT/latency_app.log" 2>&1 &
     SINK_PID=$!
-    kcat -C -b "$BROKER" -t "$TOPIC" -o beginning -u -q -f '%s\n' >"$fifo" 2>"$OUT/$name.log" &
+    "$FLOOR_BIN" "$BROKER" "$TOPIC" 6 >"$fifo" 2>"$OUT/$name.log" &
     SYS_PID=$!
     wait_count "http://$lat_addr/count" "" latency_app
   else
@@ -401,6 +402,10 @@ else
   log "building the sidecar (cargo build --release --locked; log: $OUT/build.log)"
   nice -n 10 cargo build --release --locked >"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log" >&2; die "cargo build failed"; }
 fi
+# The latency floor (examples/latency_floor.rs): built against the same librdkafka as the sidecar.
+FLOOR_BIN="$CARGO_TARGET_DIR/release/examples/latency_floor"
+log "building the latency floor (cargo build --release --locked --example latency_floor)"
+nice -n 10 cargo build --release --locked --example latency_floor >>"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log" >&2; die "cargo build --example latency_floor failed"; }
 log "building the harness tools (examples/*.go) into $TOOLS"
 for t in bench_app bench_watch latency_app rate_producer; do
   go build -o "$TOOLS/$t" "examples/$t.go" || die "go build examples/$t.go failed"
@@ -548,8 +553,9 @@ fi
     echo "Stamp: the Unix time in ns written into the value by examples/rate_producer.go as it hands the"
     echo "line to kcat (linger.ms=0); arrival: examples/latency_app.go. Medians over $ROUNDS round(s) of ${LATENCY_SECONDS} s after a 3 s warm-up."
     echo
-    echo "The raw row is the floor (kcat -C into latency_app -stdin: producer, broker and librdkafka,"
-    echo "no group, no HTTP); *added* is a system's median minus the raw median, per percentile."
+    echo "The raw row is the floor (examples/latency_floor.rs into latency_app -stdin: producer, broker and"
+    echo "a librdkafka consumer with the sidecar's fetch settings, no group, no HTTP); *added* is a system's"
+    echo "median minus the raw median, per percentile."
     echo
     echo "| system | p50 (ms) | p99 (ms) | p99.9 (ms) | added p50 (ms) | added p99 (ms) | samples per run |"
     echo "|---|---|---|---|---|---|---|"
