@@ -343,7 +343,7 @@ run_latency() {
   fi
   produce_paced() { # seconds
     "$TOOLS/rate_producer" -rate "$lrate" -duration "${1}s" -size 1024 2>>"$OUT/latency-produce.log" |
-      kcat -P -b "$BROKER" -t "$TOPIC" -K '|' -X linger.ms=0 2>>"$OUT/latency-produce.log"
+      kcat -P -b "$BROKER" -t "$TOPIC" -K '|' -X linger.ms=5 2>>"$OUT/latency-produce.log"
   }
   wait_caught_up() { # until the app counted every record of the topic
     local end c deadline=$((SECONDS + 90))
@@ -551,7 +551,7 @@ fi
     echo "### End-to-end latency, 1 KiB × 6 partitions, at $lrate records/s ($lrate_note)"
     echo
     echo "Stamp: the Unix time in ns written into the value by examples/rate_producer.go as it hands the"
-    echo "line to kcat (linger.ms=0); arrival: examples/latency_app.go. Medians over $ROUNDS round(s) of ${LATENCY_SECONDS} s after a 3 s warm-up."
+    echo "line to kcat (linger.ms=5, librdkafka's default); arrival: examples/latency_app.go. Medians over $ROUNDS round(s) of ${LATENCY_SECONDS} s after a 3 s warm-up."
     echo
     echo "The raw row is the floor (examples/latency_floor.rs into latency_app -stdin: producer, broker and"
     echo "a librdkafka consumer with the sidecar's fetch settings, no group, no HTTP); *added* is a system's"
