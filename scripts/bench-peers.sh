@@ -404,8 +404,10 @@ else
 fi
 # The latency floor (examples/latency_floor.rs): built against the same librdkafka as the sidecar.
 FLOOR_BIN="$CARGO_TARGET_DIR/release/examples/latency_floor"
-log "building the latency floor (cargo build --release --locked --example latency_floor)"
-nice -n 10 cargo build --release --locked --example latency_floor >>"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log" >&2; die "cargo build --example latency_floor failed"; }
+if ((LATENCY)); then
+  log "building the latency floor (cargo build --release --locked --example latency_floor)"
+  nice -n 10 cargo build --release --locked --example latency_floor >>"$OUT/build.log" 2>&1 || { tail -n 30 "$OUT/build.log" >&2; die "cargo build --example latency_floor failed"; }
+fi
 log "building the harness tools (examples/*.go) into $TOOLS"
 for t in bench_app bench_watch latency_app rate_producer; do
   go build -o "$TOOLS/$t" "examples/$t.go" || die "go build examples/$t.go failed"
