@@ -18,9 +18,10 @@
 # status on SIGTERM. Also: the raw read limit (kcat -C, no group, no HTTP); the sink's own request
 # rate under wrk (the single-mode ceiling); end-to-end latency p50/p99/p99.9 at a fixed rate (half
 # the lower single-mode maximum of kafka-sidecar and the Go consumer; examples/rate_producer.go
-# stamps the send time into each value, piped into kcat; examples/latency_app.go measures the
-# arrival) for kafka-sidecar and the Go consumer, against the floor of kcat -C reading the same
-# topic into latency_app -stdin (no group, no HTTP: their "added" latency); when
+# stamps the send time into each value, piped into kcat -P with linger.ms=5; examples/latency_app.go
+# measures the arrival) for kafka-sidecar and the Go consumer, against the floor of
+# examples/latency_floor.rs (a plain librdkafka consumer) reading the same topic into
+# latency_app -stdin (no group, no HTTP: their "added" latency); when
 # `kafka-sidecar check-config` accepts app.url = "unix://PATH:/records", kafka-sidecar into
 # examples/bench_app.go over a Unix socket vs TCP.
 # Every row carries its ratio to the Go consumer in the same mode (single/batch). The report goes
