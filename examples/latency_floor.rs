@@ -16,6 +16,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use kafka_sidecar::config::Config;
+use kafka_sidecar::source::fetch_settings;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -44,15 +46,15 @@ fn main() -> ExitCode {
 
 fn run(brokers: &str, topic: &str, partitions: i32) -> std::io::Result<()> {
     let err = |e: rdkafka::error::KafkaError| std::io::Error::other(e.to_string());
-    // The settings of the sidecar's consumer (src/source.rs create_consumer) that shape fetching.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
         .set("group.id", "latency-floor")
-        .set("enable.auto.commit", "false")
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.queue.backoff.ms", "100")
-        .create()
-        .map_err(err)?;
+        .set("enable.auto.commit", "false");
+    // The sidecar's own fetch settings, at its defaults.
+    for (key, value) in fetch_settings(&Config::default()) {
+        cc.set(key, value);
+    }
+    let consumer: BaseConsumer = cc.create().map_err(err)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(err)?;

@@ -371,12 +371,11 @@ pub fn create_consumer(
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("partition.assignment.strategy", &k.assignment_strategy)
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
-        // Prefetch is memory too: cap librdkafka's queue relative to the in-flight bound (it
-        // also caps fetch.max.bytes unless that is set), and refill it quickly.
-        .set("queued.max.messages.kbytes", prefetch_kbytes(cfg).to_string())
-        .set("fetch.queue.backoff.ms", "100")
         // Notice topics created after start (and partitions added) within seconds, not minutes.
         .set("topic.metadata.refresh.interval.ms", "10000");
+    for (key, value) in fetch_settings(cfg) {
+        cc.set(key, value);
+    }
     if !k.group_instance_id.is_empty() {
         cc.set("group.instance.id", &k.group_instance_id);
     }
@@ -410,6 +409,17 @@ impl Limits {
             prefetch_bytes: prefetch_kbytes(cfg) * 1000,
         }
     }
+}
+
+/// The consumer settings that shape fetching, as [`create_consumer`] sets them (the bench's
+/// latency floor, examples/latency_floor.rs, fetches with them too). Prefetch is memory too:
+/// librdkafka's queue is capped relative to the in-flight bound (which also caps
+/// fetch.max.bytes unless that is set), and refilled quickly.
+pub fn fetch_settings(cfg: &Config) -> [(&'static str, String); 2] {
+    [
+        ("queued.max.messages.kbytes", prefetch_kbytes(cfg).to_string()),
+        ("fetch.queue.backoff.ms", "100".to_string()),
+    ]
 }
 
 /// librdkafka's prefetch cap (`queued.max.messages.kbytes`): `[kafka.properties]` if set there,
