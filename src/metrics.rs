@@ -381,17 +381,46 @@ impl Metrics {
             .inc();
     }
 
-    /// A record is finished (delivered or dead-lettered); `exemplar`: see [`trace_exemplar`].
-    pub fn record_finished(&self, record: &Record, outcome: &'static str, exemplar: Option<TraceLabels>) {
-        self.record_outcome(record, outcome);
-        if let Some(ts) = record.timestamp_ms {
-            let now = SystemTime::now();
-            let now_ms = now
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            self.end_to_end_seconds
-                .observe((now_ms - ts).max(0) as f64 / 1000.0, exemplar, Some(now));
+    /// Records finished together (delivered, dead-lettered, ...; one job's), each with its
+    /// outcome and exemplar (see [`trace_exemplar`]): `records_total` counted once per run of
+    /// records with the same topic and outcome (a batch is mostly one run), and the end-to-end
+    /// latency observed against one clock read for all.
+    pub fn records_finished<'r>(
+        &self,
+        finished: impl IntoIterator<Item = (&'r Record, &'static str, Option<TraceLabels>)>,
+    ) {
+        let now = SystemTime::now();
+        let now_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut run: Option<(&Arc<str>, &'static str, u64)> = None;
+        for (record, outcome, exemplar) in finished {
+            match &mut run {
+                Some((topic, o, n)) if Arc::ptr_eq(topic, &record.topic) && *o == outcome => *n += 1,
+                _ => {
+                    if let Some((topic, o, n)) = run.replace((&record.topic, outcome, 1)) {
+                        self.count_outcome(topic, o, n);
+                    }
+                }
+            }
+            if let Some(ts) = record.timestamp_ms {
+                self.end_to_end_seconds
+                    .observe((now_ms - ts).max(0) as f64 / 1000.0, exemplar, Some(now));
+            }
         }
+        if let Some((topic, o, n)) = run {
+            self.count_outcome(topic, o, n);
+        }
+    }
+
+    /// Counts `n` records of `topic` with this outcome in `records_total`.
+    pub fn count_outcome(&self, topic: &Arc<str>, outcome: &'static str, n: u64) {
+        self.records
+            .get_or_create(&OutcomeLabels {
+                topic: topic.clone(),
+                outcome: Cow::Borrowed(outcome),
+            })
+            .inc_by(n);
     }
 
     /// One request to the app took `took`; `exemplar`: see [`trace_exemplar`] (a batch passes
@@ -578,6 +607,52 @@ mod tests {
             let line = format!("kafka_sidecar_records_total{{topic=\"orders\",outcome=\"{outcome}\"}} {want}");
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn records_finished_together_are_counted_per_topic_and_outcome_and_each_observed() {
+        let m = Metrics::new();
+        let record = |topic: &Arc<str>, ts| Record {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: ts,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            generation: 0,
+        };
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let a_again: Arc<str> = "a".into();
+        let now_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let job = [
+            (record(&a, Some(now_ms - 1_000)), "delivered"),
+            (record(&a, Some(now_ms - 1_000)), "delivered"),
+            (record(&b, None), "delivered"),
+            (record(&a, Some(now_ms - 1_000)), "dead_lettered"),
+            (record(&a_again, Some(now_ms - 1_000)), "dead_lettered"),
+            (record(&a, Some(now_ms - 1_000)), "delivered"),
+        ];
+        m.records_finished(job.iter().map(|(r, o)| (r, *o, None)));
+        let text = m.encode();
+        for (topic, outcome, n) in [("a", "delivered", 3), ("a", "dead_lettered", 2), ("b", "delivered", 1)] {
+            let line = format!("kafka_sidecar_records_total{{topic=\"{topic}\",outcome=\"{outcome}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Five records had a timestamp, each a second old (against the one clock read).
+        let value = |name: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_default();
+            line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+        };
+        assert_eq!(value("kafka_sidecar_end_to_end_latency_seconds_count"), 5.0, "{text}");
+        let sum = value("kafka_sidecar_end_to_end_latency_seconds_sum");
+        assert!(
+            (5.0..6.0).contains(&sum),
+            "five records a second old: sum {sum} in\n{text}"
+        );
     }
 
     fn sampled(trace_id: &str, sampled: bool) -> opentelemetry::Context {

@@ -160,6 +160,39 @@ pub struct PartitionView {
 /// Looked up per record (read and finish): foldhash, seeded per process, instead of SipHash.
 type Partitions = HashMap<TopicPartition, PartitionState, foldhash::fast::RandomState>;
 
+/// The partitions of one job's records as map keys, each built once: the records of a job
+/// share their topic's `Arc`, and cloning it per record would make every worker bump the same
+/// reference count. A job spans a few partitions; past [`TpKeys::MAX`] a key is built per record.
+#[derive(Default)]
+struct TpKeys {
+    keys: Vec<TopicPartition>,
+    spare: Option<TopicPartition>,
+}
+
+impl TpKeys {
+    const MAX: usize = 32;
+
+    fn of(&mut self, topic: &Arc<str>, partition: i32) -> &TopicPartition {
+        let found = self
+            .keys
+            .iter()
+            .position(|k| k.partition == partition && (Arc::ptr_eq(&k.topic, topic) || k.topic == *topic));
+        if let Some(i) = found {
+            return &self.keys[i];
+        }
+        let key = TopicPartition {
+            topic: topic.clone(),
+            partition,
+        };
+        if self.keys.len() < Self::MAX {
+            self.keys.push(key);
+            &self.keys[self.keys.len() - 1]
+        } else {
+            self.spare.insert(key)
+        }
+    }
+}
+
 /// Shared by the poll thread (reads, commits) and the workers (finish).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
@@ -222,6 +255,46 @@ impl OffsetTracker {
             }
             _ => false,
         }
+    }
+
+    /// [`finish`](Self::finish) for the records of a job (topic, partition, offset,
+    /// generation) under one lock: `out[i]` tells whether the `i`th was finished now.
+    pub fn finish_all<'t>(&self, records: impl IntoIterator<Item = (&'t Arc<str>, i32, i64, u64)>) -> Vec<bool> {
+        let mut keys = TpKeys::default();
+        let mut parts = self.lock();
+        let mut drained = false;
+        let out = records
+            .into_iter()
+            .map(
+                |(topic, partition, offset, generation)| match parts.get_mut(keys.of(topic, partition)) {
+                    Some(state) if state.generation == generation => {
+                        let removed = state.pending.remove(&offset).is_some();
+                        drained |= removed && state.pending.is_empty();
+                        removed
+                    }
+                    _ => false,
+                },
+            )
+            .collect();
+        if drained && self.drain_waiters.load(Ordering::Relaxed) > 0 {
+            self.drained.notify_all();
+        }
+        out
+    }
+
+    /// [`is_current`](Self::is_current) for the records of a job (topic, partition,
+    /// generation) under one lock.
+    pub fn current_all<'t>(&self, records: impl IntoIterator<Item = (&'t Arc<str>, i32, u64)>) -> Vec<bool> {
+        let mut keys = TpKeys::default();
+        let parts = self.lock();
+        records
+            .into_iter()
+            .map(|(topic, partition, generation)| {
+                parts
+                    .get(keys.of(topic, partition))
+                    .is_some_and(|s| s.generation == generation)
+            })
+            .collect()
     }
 
     /// Whether this record was read under the current assignment and is not finished yet.
@@ -415,6 +488,73 @@ mod tests {
         t.finish(&tp(0), 4, g);
         t.finish(&tp(0), 3, g);
         assert_eq!(t.positions_to_commit(), vec![(tp(0), 5)]);
+    }
+
+    #[test]
+    fn a_job_finished_in_one_call_is_finished_record_by_record_as_with_finish() {
+        let t = OffsetTracker::default();
+        t.assign(&[tp(0), tp(1)]);
+        let g0 = (0..3).map(|o| t.read(&tp(0), o, None)).last().unwrap();
+        let g1 = (0..3).map(|o| t.read(&tp(1), o, None)).last().unwrap();
+        // Another Arc of the same topic name finds the same partitions.
+        let other: Arc<str> = "t".into();
+        let t0 = tp(0).topic;
+        let job = [
+            (&t0, 0, 0, g0),
+            (&other, 1, 0, g1),
+            (&t0, 0, 1, g0),
+            (&t0, 0, 1, g0),        // finished a moment ago: not again
+            (&other, 1, 2, g1 + 7), // an older or newer generation: ignored
+            (&t0, 5, 0, g0),        // not a partition of ours
+        ];
+        assert_eq!(t.finish_all(job), vec![true, true, true, false, false, false]);
+        assert_eq!(t.positions_to_commit(), vec![(tp(0), 2), (tp(1), 1)]);
+        assert_eq!(
+            t.current_all([(&t0, 0, g0), (&other, 1, g1), (&t0, 1, g0), (&t0, 5, g0)]),
+            vec![true, true, false, false]
+        );
+        t.revoke(&[tp(1)]);
+        assert_eq!(t.current_all([(&t0, 0, g0), (&other, 1, g1)]), vec![true, false]);
+    }
+
+    #[test]
+    fn a_job_over_many_partitions_is_finished_past_the_key_cache() {
+        let t = OffsetTracker::default();
+        let parts: Vec<TopicPartition> = (0..(TpKeys::MAX as i32 * 2)).map(tp).collect();
+        t.assign(&parts);
+        let gens: Vec<u64> = parts.iter().map(|p| t.read(p, 0, None)).collect();
+        let job: Vec<_> = parts
+            .iter()
+            .zip(&gens)
+            .map(|(p, &g)| (&p.topic, p.partition, 0, g))
+            .collect();
+        assert_eq!(t.finish_all(job.clone()), vec![true; parts.len()]);
+        assert_eq!(t.finish_all(job), vec![false; parts.len()]);
+        assert_eq!(t.unfinished(&parts), 0);
+    }
+
+    #[test]
+    fn a_drain_waiter_is_woken_by_a_job_finished_in_one_call() {
+        let t = Arc::new(OffsetTracker::default());
+        t.assign(&[tp(0)]);
+        let g = t.read(&tp(0), 0, None);
+        t.read(&tp(0), 1, None);
+        let waiter = {
+            let t = t.clone();
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            std::thread::spawn(move || t.wait_finished(&[tp(0)], || deadline))
+        };
+        while t.drain_waiters.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let topic = tp(0).topic;
+        let finished = Instant::now();
+        t.finish_all([(&topic, 0, 0, g), (&topic, 0, 1, g)]);
+        assert_eq!(waiter.join().unwrap(), 0, "nothing left");
+        assert!(
+            finished.elapsed() < std::time::Duration::from_secs(30),
+            "woken by the finish, not by its 60 s deadline"
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ pub trait JobRunner: Send + Sync + 'static {
 /// What the poll thread sends to the scheduler.
 #[derive(Debug)]
 pub enum Input {
-    Record(Record),
+    /// Records read, in read order: a run of what one stretch of polls returned (one
+    /// message per run, not per record: each message costs a channel push and may wake the
+    /// scheduler).
+    Records(Vec<Record>),
     /// These partitions were revoked: drop their queued records.
     Revoked(Vec<TopicPartition>),
     /// Shutdown: nothing more will be read; finish what is queued, then stop.

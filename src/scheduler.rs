@@ -161,7 +161,7 @@ impl<R: JobRunner> Scheduler<R> {
                 biased;
                 Some(done) = done_rx.recv() => self.on_done(done),
                 msg = input.recv(), if input_open => match msg {
-                    Some(Input::Record(r)) => self.on_record(r),
+                    Some(Input::Records(run)) => run.into_iter().for_each(|r| self.on_record(r)),
                     Some(Input::Revoked(tps)) => self.on_revoked(&tps),
                     Some(Input::End) | None => input_open = false,
                 },
@@ -582,7 +582,7 @@ mod tests {
         async fn send(&self, records: impl IntoIterator<Item = Record>) {
             for r in records {
                 self.in_flight.add(r.size());
-                self.tx.send(Input::Record(r)).await.unwrap();
+                self.tx.send(Input::Records(vec![r])).await.unwrap();
             }
         }
 

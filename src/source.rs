@@ -66,6 +66,12 @@ const FINAL_COMMIT_POLL: Duration = Duration::from_millis(100);
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type TpSet = HashSet<TopicPartition, foldhash::fast::RandomState>;
 
+/// The most records the poll thread hands over in one message. While records are ready
+/// without waiting it reads on (polls that do not wait) up to this many; a poll that finds
+/// nothing hands the run over at once, so a record waits at most for the reading of the
+/// records after it in the same run (microseconds each).
+const RUN: usize = 64;
+
 /// How often partitions paused at their share are checked for resuming.
 const SHARE_CHECK: Duration = Duration::from_millis(10);
 
@@ -93,6 +99,12 @@ pub struct SourceState {
     held: Mutex<FastMap<TopicPartition, (Record, i64)>>,
     /// Whether the brokers can be reached.
     pub kafka: Arc<Connectivity>,
+    /// Records read and counted in flight, not yet handed over: the poll thread hands them
+    /// to the scheduler in runs of up to [`RUN`] (see [`Input::Records`]). Only the poll
+    /// thread touches it (the lock is never contended): it hands the run over before any
+    /// poll that may wait and before holding at the in-flight limit, and a revoke callback
+    /// hands it over before waiting for the revoked partitions' records to finish.
+    run: Mutex<Vec<Record>>,
 }
 
 /// Why the brokers refused a connection that reached them.
@@ -182,6 +194,38 @@ impl SourceState {
 
     fn take_fault(&self) -> Option<String> {
         self.fault.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// Adds a record read to the run; `true` when the run is full and is to be handed over.
+    fn add_to_run(&self, record: Record) -> bool {
+        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        run.push(record);
+        run.len() >= RUN
+    }
+
+    fn run_is_empty(&self) -> bool {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Hands the run over; an error when the scheduler is gone. Blocks while the channel
+    /// is full unless `closing` (then a full channel drops the run: nothing more is
+    /// delivered after the drain, and the records are not committed).
+    ///
+    /// The run's records are counted as `consumed` here, once per stretch of one topic.
+    fn hand_over_run(&self, input: &mpsc::Sender<Input>, metrics: &Metrics, closing: bool) -> Result<(), ()> {
+        let run = std::mem::take(&mut *self.run.lock().unwrap_or_else(|e| e.into_inner()));
+        if run.is_empty() {
+            return Ok(());
+        }
+        for stretch in run.chunk_by(|a, b| Arc::ptr_eq(&a.topic, &b.topic)) {
+            metrics.count_outcome(&stretch[0].topic, "consumed", stretch.len() as u64);
+        }
+        let msg = Input::Records(run);
+        if closing {
+            input.try_send(msg).map_err(|_| ())
+        } else {
+            input.blocking_send(msg).map_err(|_| ())
+        }
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, FastMap<TopicPartition, (Record, i64)>> {
@@ -313,6 +357,9 @@ impl SourceContext {
         let lost = consumer.assignment_lost();
         let closing = self.state.closing.load(Ordering::Relaxed);
         tracing::info!(partitions = %fmt_tps(&tps), lost, "partitions revoked");
+        // Records read but not handed over yet: to the scheduler first, so that the drain
+        // below can finish them (and the Revoked message after them drops the rest).
+        let _ = self.state.hand_over_run(&self.input, &self.metrics, closing);
         if !lost && !closing {
             // Let the workers finish what was read from these partitions, so that the
             // commit below covers it and the new owner does not deliver it again.
@@ -608,24 +655,36 @@ impl PollLoop {
                 return Err(fault);
             }
             let seen = self.in_flight.get();
-            let flow = self.apply_backpressure(&mut pressure, &capped, seen);
-            if last_share_check.elapsed() >= SHARE_CHECK {
+            // One clock read per turn (a turn per record): the vDSO clock is not free in a VM.
+            let now = Instant::now();
+            let flow = self.apply_backpressure(&mut pressure, &capped, seen, now);
+            if now.saturating_duration_since(last_share_check) >= SHARE_CHECK {
                 self.release_shares(&pressure, &mut capped);
-                last_share_check = Instant::now();
+                last_share_check = now;
             }
-            if last_commit.elapsed() >= self.commit_interval {
+            if now.saturating_duration_since(last_commit) >= self.commit_interval {
                 self.commit();
                 last_commit = Instant::now();
             }
             if flow == Flow::Hold {
                 // No poll while holding: it would hand over a record. Holding ends within a
                 // rate window (or partitions are paused and polled), well within max.poll.interval.
+                self.hand_over_run()?;
                 self.in_flight.wait_for_release(pressure.hold_target(), HOLD_WAIT);
                 continue;
             }
             self.release_due(&mut pressure, &mut capped)?;
-            let msg = match self.consumer.poll(Duration::from_millis(100)) {
-                None => continue,
+            // With a run begun, only what is ready now is read into it.
+            let wait = if self.state.run_is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            let msg = match self.consumer.poll(wait) {
+                None => {
+                    self.hand_over_run()?;
+                    continue;
+                }
                 Some(Err(e)) => {
                     errors.log(&e, &self.state.kafka);
                     continue;
@@ -669,10 +728,18 @@ impl PollLoop {
             drop(msg);
             self.hand_over(tp, record, &mut pressure, &mut capped)?;
         }
-        Ok(())
+        self.hand_over_run()
     }
 
-    /// Hands a record read now to the scheduler, counted in flight (its generation set).
+    /// Hands the records read so far to the scheduler (one message).
+    fn hand_over_run(&self) -> Result<(), String> {
+        self.state
+            .hand_over_run(&self.input, &self.metrics, false)
+            .map_err(|()| "the scheduler stopped taking records".to_string())
+    }
+
+    /// Adds a record read now (its generation set) to the run for the scheduler, counted in
+    /// flight; hands the run over once it is full.
     fn hand_over(
         &self,
         tp: TopicPartition,
@@ -682,9 +749,8 @@ impl PollLoop {
     ) -> Result<(), String> {
         self.in_flight.add(record.size());
         pressure.on_read(record.size());
-        self.metrics.record_outcome(&record, "consumed");
-        if self.input.blocking_send(Input::Record(record)).is_err() {
-            return Err("the scheduler stopped taking records".into());
+        if self.state.add_to_run(record) {
+            self.hand_over_run()?;
         }
         if pressure.is_slow() {
             self.cap_share(pressure, tp, capped);
@@ -797,6 +863,8 @@ impl PollLoop {
     /// Stop fetching and keep the membership alive until the workers drained.
     fn drain(&self) {
         self.set_paused(true, &TpSet::default());
+        // What was read before stopping is delivered; then nothing more.
+        let _ = self.hand_over_run();
         let _ = self.input.blocking_send(Input::End);
         let mut last_commit = Instant::now();
         while !self.close.is_cancelled() {
@@ -811,10 +879,16 @@ impl PollLoop {
     }
 
     /// Decides whether this turn reads, holds or only polls, and pauses or resumes partitions.
-    fn apply_backpressure(&self, pressure: &mut Pressure, capped: &TpSet, (records, bytes): (usize, usize)) -> Flow {
+    fn apply_backpressure(
+        &self,
+        pressure: &mut Pressure,
+        capped: &TpSet,
+        (records, bytes): (usize, usize),
+        now: Instant,
+    ) -> Flow {
         self.metrics.in_flight_records.set(records as i64);
         self.metrics.in_flight_bytes.set(bytes as i64);
-        let flow = pressure.update(Instant::now(), records, bytes);
+        let flow = pressure.update(now, records, bytes);
         // Open: every partition stays paused. Half-open: stay paused while records already
         // wait at the gate (one of them is the probe); resume only when none is left to probe with.
         let breaker_open = match self.breaker.state() {

@@ -153,7 +153,13 @@ pub struct DeliverySpan {
 impl DeliverySpan {
     /// Starts the span, child of the record's `traceparent` when it has one.
     pub fn start(record: &Record, group: &str) -> Self {
-        let parent = global::get_text_map_propagator(|p| p.extract(&RecordHeaders(record)));
+        // A record without headers has no trace context: the propagator would only hand back
+        // the current context (skipped: its lock and extraction are per record).
+        let parent = if record.headers.is_empty() {
+            Context::current()
+        } else {
+            global::get_text_map_propagator(|p| p.extract(&RecordHeaders(record)))
+        };
         if !EXPORTING.load(Ordering::Relaxed) {
             // What the no-op tracer would give: the parent's context, passed on unchanged.
             return Self { cx: parent };
@@ -242,6 +248,11 @@ impl DeliverySpan {
     /// unless [`set_error_class`](Self::set_error_class) did, `error.type` = the outcome.
     pub fn end(self, outcome: &str, attempts: u32, error: Option<&str>) {
         let span = self.cx.span();
+        if !span.is_recording() {
+            // Not exported (or the parent's remote span): the attributes would go nowhere, and
+            // building them allocates per record.
+            return;
+        }
         span.set_attribute(KeyValue::new("kafka_sidecar.delivery.attempts", i64::from(attempts)));
         span.set_attribute(KeyValue::new("kafka_sidecar.delivery.outcome", outcome.to_string()));
         if let Some(e) = error {

@@ -274,7 +274,7 @@ async fn feed(
             generation: tracker.read(&tp, offset, None),
         };
         in_flight.add(record.size());
-        tx.send(Input::Record(record)).await.unwrap();
+        tx.send(Input::Records(vec![record])).await.unwrap();
     }
     (scheduler, tx, in_flight)
 }

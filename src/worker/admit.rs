@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{keys, tp, Open, Stopped, Worker};
+use super::{keys, Open, Stopped, Worker};
 use crate::breaker::Admission;
 use crate::config::RetryConfig;
 use crate::dedup::{Decision, OnError};
@@ -140,10 +140,19 @@ impl Worker {
     /// Drops the records of revoked partitions (releasing their keys): their new owner
     /// delivers them.
     pub(super) async fn drop_revoked(&self, open: &mut Vec<Open<'_>>, attempt: u32) {
-        let (current, revoked): (Vec<_>, Vec<_>) = std::mem::take(open)
+        // One offset-tracker call for the job, not one per record.
+        let current = self.tracker.current_all(open.iter().map(|o| {
+            let r = o.record;
+            (&r.topic, r.partition, r.generation)
+        }));
+        if current.iter().all(|&c| c) {
+            return;
+        }
+        let mut current = current.into_iter();
+        let (kept, revoked): (Vec<_>, Vec<_>) = std::mem::take(open)
             .into_iter()
-            .partition(|o| self.tracker.is_current(&tp(o.record), o.record.generation));
-        *open = current;
+            .partition(|_| current.next().unwrap_or(false));
+        *open = kept;
         if let Some(gate) = &self.dedup {
             gate.release(&keys(&revoked)).await;
         }
