@@ -373,12 +373,7 @@ impl Metrics {
     }
 
     pub fn record_outcome(&self, record: &Record, outcome: impl Into<Cow<'static, str>>) {
-        self.records
-            .get_or_create(&OutcomeLabels {
-                topic: record.topic.clone(),
-                outcome: outcome.into(),
-            })
-            .inc();
+        self.count_outcome(&record.topic, outcome, 1);
     }
 
     /// Records finished together (delivered, dead-lettered, ...; one job's), each with its
@@ -414,11 +409,11 @@ impl Metrics {
     }
 
     /// Counts `n` records of `topic` with this outcome in `records_total`.
-    pub fn count_outcome(&self, topic: &Arc<str>, outcome: &'static str, n: u64) {
+    pub fn count_outcome(&self, topic: &Arc<str>, outcome: impl Into<Cow<'static, str>>, n: u64) {
         self.records
             .get_or_create(&OutcomeLabels {
                 topic: topic.clone(),
-                outcome: Cow::Borrowed(outcome),
+                outcome: outcome.into(),
             })
             .inc_by(n);
     }

@@ -244,17 +244,7 @@ impl OffsetTracker {
 
     /// Marks a record finished. Returns false when its partition was revoked since (ignored).
     pub fn finish(&self, tp: &TopicPartition, offset: i64, generation: u64) -> bool {
-        let mut parts = self.lock();
-        match parts.get_mut(tp) {
-            Some(state) if state.generation == generation => {
-                let removed = state.pending.remove(&offset).is_some();
-                if removed && state.pending.is_empty() && self.drain_waiters.load(Ordering::Relaxed) > 0 {
-                    self.drained.notify_all();
-                }
-                removed
-            }
-            _ => false,
-        }
+        self.finish_all([(&tp.topic, tp.partition, offset, generation)]) == [true]
     }
 
     /// [`finish`](Self::finish) for the records of a job (topic, partition, offset,
@@ -334,7 +324,7 @@ impl OffsetTracker {
 
     /// Whether work tagged with this generation still belongs to a current assignment.
     pub fn is_current(&self, tp: &TopicPartition, generation: u64) -> bool {
-        self.lock().get(tp).is_some_and(|s| s.generation == generation)
+        self.current_all([(&tp.topic, tp.partition, generation)]) == [true]
     }
 
     /// Unfinished records in the given partitions.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{keys, Open, Stopped, Worker};
+use super::{keys, Open, Settled, Stopped, Worker};
 use crate::breaker::Admission;
 use crate::config::RetryConfig;
 use crate::dedup::{Decision, OnError};
@@ -186,9 +186,15 @@ impl Worker {
                 ClaimAnswer::Unavailable(OnError::Pause)
             }
         };
-        for o in apply_claim(open, answer) {
-            self.finish(o, attempt, "deduplicated", None);
-        }
+        let duplicates = apply_claim(open, answer)
+            .into_iter()
+            .map(|open| Settled {
+                open,
+                outcome: "deduplicated",
+                error: None,
+            })
+            .collect();
+        self.finish_all(duplicates, attempt);
     }
 
     /// Waits until the breaker admits a request and the rate limiter grants a slot for

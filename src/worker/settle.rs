@@ -264,19 +264,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Finishes a record: its offset may be committed.
-    pub(super) fn finish(&self, o: Open<'_>, attempts: u32, outcome: &'static str, error: Option<&str>) {
-        let error = error.map(str::to_owned);
-        self.finish_all(
-            vec![Settled {
-                open: o,
-                outcome,
-                error,
-            }],
-            attempts,
-        );
-    }
-
     /// Finishes records (one job's): their offsets may be committed. One offset-tracker call
     /// and one metrics update for all, not one per record: a batch finishes 500 at once.
     pub(super) fn finish_all(&self, settled: Vec<Settled<'_>>, attempts: u32) {
