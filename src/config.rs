@@ -601,7 +601,6 @@ fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
 
@@ -921,9 +920,18 @@ mod tests {
         }
     }
 
+    /// The repository as cargo names it when it runs the tests, read at run time: a build cached
+    /// from a checkout at another path must still read this checkout's files.
+    fn repo_root() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+            std::path::PathBuf::from,
+        )
+    }
+
     #[test]
     fn config_example_loads_and_documents_every_key() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let path = repo_root().join("config.toml.example");
         let loaded = Config::load_with_env(Some(&path), Vec::new());
         assert!(loaded.is_ok(), "config.toml.example must be valid: {loaded:?}");
         let example: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -955,7 +963,7 @@ mod tests {
 
     #[test]
     fn config_example_shows_defaults_and_marks_every_other_value_as_an_example() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let path = repo_root().join("config.toml.example");
         let text = std::fs::read_to_string(&path).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         let mut section: Vec<String> = Vec::new();

@@ -370,7 +370,7 @@ fn queried_metrics(text: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_alert_rules_are_valid_and_query_only_metrics_that_exist() {
     require_kafka();
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/kafka-sidecar/files");
+    let chart = common::repo_root().join("helm/kafka-sidecar/files");
     let dashboard = std::fs::read_to_string(chart.join("dashboard.json")).unwrap();
     let rules_path = chart.join("alerts.yaml");
     let rules = std::fs::read_to_string(&rules_path).unwrap();

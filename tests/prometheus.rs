@@ -27,9 +27,7 @@ use serde_json::Value;
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn chart_file(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("helm/kafka-sidecar/files")
-        .join(name)
+    common::repo_root().join("helm/kafka-sidecar/files").join(name)
 }
 
 /// `"10m"` → seconds.

@@ -1064,3 +1064,9 @@ pub fn assert_each_offset_once(delivered: &[Request], expected: usize) {
     );
     assert_eq!(seen.len(), expected, "not every record was delivered");
 }
+
+/// The repository as cargo names it when it runs the tests, read at run time: a build cached
+/// from a checkout at another path must still read this checkout's files.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
