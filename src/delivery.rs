@@ -34,28 +34,34 @@ mod envelope;
 pub use self::client::MAX_RESPONSE_BYTES;
 use self::client::{Endpoint, Http};
 
-/// Headers of the single-mode request.
+/// Headers of the single-mode request, as `HeaderName`s built at compile time: a `&str`
+/// name is parsed and checked on every insert, a dozen times per single-mode request.
 pub mod headers {
-    pub const TOPIC: &str = "x-kafka-topic";
-    pub const PARTITION: &str = "x-kafka-partition";
-    pub const OFFSET: &str = "x-kafka-offset";
-    pub const TIMESTAMP: &str = "x-kafka-timestamp";
-    pub const KEY: &str = "x-kafka-key";
-    pub const VALUE_NULL: &str = "x-kafka-value-null";
-    pub const HEADERS: &str = "x-kafka-headers";
-    pub const ATTEMPT: &str = "x-kafka-attempt";
-    pub const GROUP: &str = "x-kafka-consumer-group";
-    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    use http::header::HeaderName;
+
+    pub const TOPIC: HeaderName = HeaderName::from_static("x-kafka-topic");
+    pub const PARTITION: HeaderName = HeaderName::from_static("x-kafka-partition");
+    pub const OFFSET: HeaderName = HeaderName::from_static("x-kafka-offset");
+    pub const TIMESTAMP: HeaderName = HeaderName::from_static("x-kafka-timestamp");
+    pub const KEY: HeaderName = HeaderName::from_static("x-kafka-key");
+    pub const VALUE_NULL: HeaderName = HeaderName::from_static("x-kafka-value-null");
+    pub const HEADERS: HeaderName = HeaderName::from_static("x-kafka-headers");
+    pub const ATTEMPT: HeaderName = HeaderName::from_static("x-kafka-attempt");
+    pub const GROUP: HeaderName = HeaderName::from_static("x-kafka-consumer-group");
+    pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
     /// Single mode, a record read from a retry tier: the tier (1 for the first) and where
     /// the record was first read.
-    pub const RETRY_TIER: &str = "x-kafka-retry-tier";
-    pub const ORIGINAL_TOPIC: &str = "x-kafka-original-topic";
-    pub const ORIGINAL_PARTITION: &str = "x-kafka-original-partition";
-    pub const ORIGINAL_OFFSET: &str = "x-kafka-original-offset";
+    pub const RETRY_TIER: HeaderName = HeaderName::from_static("x-kafka-retry-tier");
+    pub const ORIGINAL_TOPIC: HeaderName = HeaderName::from_static("x-kafka-original-topic");
+    pub const ORIGINAL_PARTITION: HeaderName = HeaderName::from_static("x-kafka-original-partition");
+    pub const ORIGINAL_OFFSET: HeaderName = HeaderName::from_static("x-kafka-original-offset");
 }
 
 /// Record headers passed to the app as plain HTTP headers too (trace context).
-const PASSTHROUGH: [&str; 2] = ["traceparent", "tracestate"];
+const PASSTHROUGH: [(&str, HeaderName); 2] = [
+    ("traceparent", HeaderName::from_static("traceparent")),
+    ("tracestate", HeaderName::from_static("tracestate")),
+];
 
 /// A record to send, with the trace context of its delivery span.
 pub struct Outgoing<'a> {
@@ -294,7 +300,7 @@ impl AppClient {
             .sum();
         let trace: usize = PASSTHROUGH
             .iter()
-            .map(|name| {
+            .map(|(name, _)| {
                 let span = out.trace.get(*name).map_or(0, String::len);
                 span.max(r.header_str(name).map_or(0, str::len))
             })
@@ -338,7 +344,7 @@ impl AppClient {
         // Only visible ASCII: `http` also accepts bytes 0x80-0xff (obs-text), which many
         // servers reject. Every value below is ASCII by construction except a trace context
         // copied from the record, which is then left out (X-Kafka-Headers still carries it).
-        let mut put = |name: &'static str, value: &str| {
+        let mut put = |name: HeaderName, value: &str| {
             if let Some(v) = HeaderValue::from_str(value).ok().filter(|v| v.to_str().is_ok()) {
                 h.insert(name, v);
             }
@@ -356,9 +362,9 @@ impl AppClient {
         if !r.headers.is_empty() {
             put(headers::HEADERS, &ascii_json(&json_headers(r)));
         }
-        for name in PASSTHROUGH {
+        for (name, header) in PASSTHROUGH {
             if let Some(v) = out.trace.get(name).map(String::as_str).or_else(|| r.header_str(name)) {
-                put(name, v);
+                put(header, v);
             }
         }
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

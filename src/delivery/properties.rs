@@ -142,7 +142,7 @@ proptest! {
         for (name, value) in &h {
             prop_assert!(value.to_str().is_ok(), "{name} is not visible ASCII: {value:?}");
         }
-        let get = |name: &str| h.get(name).map(|v| v.to_str().unwrap_or_default().to_string());
+        let get = |name: http::header::HeaderName| h.get(name).map(|v| v.to_str().unwrap_or_default().to_string());
         prop_assert_eq!(get(headers::TOPIC), Some(r.topic.to_string()));
         prop_assert_eq!(get(headers::PARTITION), Some(r.partition.to_string()));
         prop_assert_eq!(get(headers::OFFSET), Some(r.offset.to_string()));
