@@ -6,8 +6,6 @@
 //! strings (topic, header names, traceparent) are escaped by serde_json. A header name that
 //! is not UTF-8 is written as `name_base64`, like [`JsonHeader::new`](super::JsonHeader::new).
 
-use std::io::Write;
-
 use base64_simd::STANDARD as SIMD_B64;
 
 use super::Outgoing;
@@ -18,6 +16,7 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
     let estimate: usize = records.iter().map(|o| o.record.size() * 4 / 3 + 160).sum();
     let mut out = Vec::with_capacity(estimate + 16);
     out.extend_from_slice(b"{\"records\":[");
+    let mut numbers = itoa::Buffer::new();
     for (
         i,
         Outgoing {
@@ -33,14 +32,14 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
         }
         out.extend_from_slice(b"{\"topic\":");
         json_str(&mut out, &r.topic);
-        // Writing into a Vec cannot fail.
-        let _ = write!(
-            out,
-            ",\"partition\":{},\"offset\":{},\"timestamp\":",
-            r.partition, r.offset
-        );
+        // Numbers with itoa, not `write!`: core::fmt per record was ~1.5 % of batch mode.
+        out.extend_from_slice(b",\"partition\":");
+        out.extend_from_slice(numbers.format(r.partition).as_bytes());
+        out.extend_from_slice(b",\"offset\":");
+        out.extend_from_slice(numbers.format(r.offset).as_bytes());
+        out.extend_from_slice(b",\"timestamp\":");
         match r.timestamp_ms {
-            Some(ts) => drop(write!(out, "{ts}")),
+            Some(ts) => out.extend_from_slice(numbers.format(ts).as_bytes()),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"key\":");
@@ -68,7 +67,8 @@ pub(super) fn batch_body(records: &[Outgoing<'_>], attempt: u32) -> Vec<u8> {
         }
         // A record from a retry tier continues its count.
         let prior = retry.map_or(0, |r| r.prior_attempts);
-        let _ = write!(out, "],\"attempt\":{}", attempt.saturating_add(prior));
+        out.extend_from_slice(b"],\"attempt\":");
+        out.extend_from_slice(numbers.format(attempt.saturating_add(prior)).as_bytes());
         let traceparent = trace
             .get("traceparent")
             .map(String::as_str)
@@ -189,6 +189,19 @@ mod tests {
             headers: vec![("x".into(), Some(Bytes::new()))],
             ..record(9)
         };
+        // Numbers at their limits (written with itoa, checked against serde_json's).
+        let extremes = Record {
+            partition: i32::MAX,
+            offset: i64::MAX,
+            timestamp_ms: Some(i64::MIN),
+            ..record(0)
+        };
+        let negative = Record {
+            partition: -1,
+            offset: -1,
+            timestamp_ms: Some(-1),
+            ..record(0)
+        };
         let no_trace = HashMap::new();
         let span_trace = HashMap::from([(
             "traceparent".to_string(),
@@ -208,13 +221,16 @@ mod tests {
                 out(&bare, &no_trace),
                 out(&empty_value, &span_trace),
             ],
+            vec![out(&extremes, &no_trace), out(&negative, &no_trace)],
         ];
-        for records in cases {
-            let body = batch_body(&records, 4);
-            assert_eq!(
-                String::from_utf8(body).unwrap(),
-                String::from_utf8(reference(&records, 4)).unwrap()
-            );
+        for attempt in [0, 4, u32::MAX] {
+            for records in &cases {
+                let body = batch_body(records, attempt);
+                assert_eq!(
+                    String::from_utf8(body).unwrap(),
+                    String::from_utf8(reference(records, attempt)).unwrap()
+                );
+            }
         }
     }
 
